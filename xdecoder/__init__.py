@@ -1,0 +1,35 @@
+"""X-Decoder in plain PyTorch: official checkpoints, panoptic and referring segmentation.
+
+Public API: XDecoderConfig, build_model, load_model, Predictor (and the result types).
+"""
+
+from .checkpoint import CheckpointMismatchError, load_model, save_checkpoint
+from .config import XDecoderConfig
+from .image import ResizePolicy
+from .model import XDecoderModel, build_model
+from .predictor import (
+    PanopticResult,
+    Prediction,
+    Predictor,
+    ReferringResult,
+    Segment,
+    SemanticResult,
+    Vocabulary,
+)
+
+__all__ = [
+    "CheckpointMismatchError",
+    "PanopticResult",
+    "Prediction",
+    "Predictor",
+    "ReferringResult",
+    "ResizePolicy",
+    "Segment",
+    "SemanticResult",
+    "Vocabulary",
+    "XDecoderConfig",
+    "XDecoderModel",
+    "build_model",
+    "load_model",
+    "save_checkpoint",
+]

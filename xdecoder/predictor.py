@@ -1,0 +1,375 @@
+"""Predictor: images and words in, masks out, at each image's original size.
+
+    predictor = Predictor(load_model("xdecoder_focalt_last.pt"))
+    result = predictor.panoptic(image, ["person", "car", "sky"], stuff={"sky"})
+    result.id_map, result.segments
+    predictor.referring(image, ["the red car on the left"]).masks
+    both = predictor.predict(image, labels=[...], prompts=[...])   # the image is encoded once
+
+Images may be PIL images or numpy arrays (see `xdecoder.image.to_rgb`), one or a list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import postprocess
+from .image import ImageInput, ResizePolicy, to_rgb
+from .model import XDecoderModel
+from .postprocess import Geometry
+from .text import (
+    BACKGROUND,
+    CLASS_EMBEDDING_CACHE,
+    ClassEmbeddingCache,
+    language_fingerprint,
+    prompt_embeddings,
+)
+from .tokenizer import get_tokenizer
+from .transformer_decoder import GroundingTokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Segment:
+    """One panoptic segment. `score` is the class probability of its query (max over merged stuff
+    queries); `mask_score` the mean mask probability over the query's foreground."""
+
+    id: int
+    label: str
+    label_index: int
+    is_thing: bool
+    score: float
+    mask_score: float
+    area: int
+
+
+@dataclass
+class PanopticResult:
+    id_map: np.ndarray  # [H, W] int32; 0 where no segment, else Segment.id
+    segments: list[Segment]
+
+    def mask(self, segment_id: int) -> np.ndarray:
+        return self.id_map == segment_id
+
+
+@dataclass
+class SemanticResult:
+    label_map: np.ndarray  # [H, W] int32 index into `labels`
+    score_map: np.ndarray  # [H, W] float32
+    labels: list[str]
+
+
+@dataclass
+class ReferringResult:
+    prompts: list[str]
+    masks: np.ndarray  # [P, H, W] bool
+    scores: np.ndarray  # [P] matched query's similarity: min(exp(logit_scale), 100) * cosine
+    mask_scores: np.ndarray  # [P] mean mask probability inside each mask
+    matched_query: np.ndarray  # [P] grounding query index
+
+
+@dataclass
+class Prediction:
+    panoptic: PanopticResult | None = None
+    semantic: SemanticResult | None = None
+    referring: ReferringResult | None = None
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Labels as the caller names them, and the texts the model reads for them.
+
+    A label reads as itself unless `synonyms` gives it other texts; synonyms' probabilities add up.
+    """
+
+    labels: tuple[str, ...]
+    is_thing: tuple[bool, ...]
+    texts: tuple[str, ...]  # what the text encoder embeds (without the trailing "background")
+    text_to_label: tuple[int, ...]
+
+    @classmethod
+    def build(
+        cls,
+        labels: Sequence[str],
+        stuff: Collection[str] = (),
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+    ) -> Vocabulary:
+        if isinstance(labels, str):
+            raise ValueError("labels must be a list of names, not a single string")
+        labels = tuple(labels)
+        if not labels:
+            raise ValueError("labels must not be empty")
+        for label in labels:
+            if not isinstance(label, str) or not label.strip():
+                raise ValueError(f"labels must be non-empty strings, got {label!r}")
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate labels: {duplicates}")
+        unknown = sorted(set(stuff) - set(labels))
+        if unknown:
+            raise ValueError(f"stuff names that are not labels: {unknown}")
+        synonyms = dict(synonyms or {})
+        unknown = sorted(set(synonyms) - set(labels))
+        if unknown:
+            raise ValueError(f"synonyms given for names that are not labels: {unknown}")
+        texts, text_to_label = [], []
+        for index, label in enumerate(labels):
+            names = list(synonyms.get(label) or [label])
+            for name in names:
+                if not isinstance(name, str) or not name.strip():
+                    raise ValueError(f"synonyms of {label!r} must be non-empty strings, got {name!r}")
+            texts += names
+            text_to_label += [index] * len(names)
+        if BACKGROUND in texts:
+            logger.warning("a label reads %r, which the model also uses for 'no object'", BACKGROUND)
+        return cls(labels, tuple(label not in stuff for label in labels), tuple(texts), tuple(text_to_label))
+
+    @property
+    def has_synonyms(self) -> bool:
+        return len(self.texts) != len(self.labels)
+
+
+@dataclass
+class _PreparedImage:
+    resized: np.ndarray  # [h, w, 3] uint8, what the model sees
+    output_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Tasks:
+    vocabulary: Vocabulary | None
+    panoptic: bool
+    semantic: bool
+
+
+class Predictor:
+    """Runs an XDecoderModel on images.
+
+    short_side / max_long_side: resize policy (see ResizePolicy). object_mask_threshold: minimum class
+    probability of a panoptic query; overlap_threshold: minimum share of its own mask a query must
+    win. batch_size: images per forward pass (images of a batch are padded to a common size, which
+    changes results slightly, as in the official code). autocast: None = bf16 on CUDA (fp16 where
+    bf16 is unsupported) and off on CPU; False = off; or a dtype.
+    """
+
+    def __init__(
+        self,
+        model: XDecoderModel,
+        *,
+        short_side: int = 512,
+        max_long_side: int | None = 1333,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        batch_size: int = 1,
+        autocast: bool | torch.dtype | None = None,
+        embedding_cache: ClassEmbeddingCache = CLASS_EMBEDDING_CACHE,
+    ):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model = model.eval()
+        self.resize_policy = ResizePolicy(short_side, max_long_side)
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.batch_size = batch_size
+        self.autocast_dtype = _autocast_dtype(autocast, model.device)
+        self.tokenizer = get_tokenizer(model.language.context_length)
+        self.embedding_cache = embedding_cache
+        self.fingerprint = language_fingerprint(model.language)
+
+    # ------------------------------------------------------------------------------------ tasks
+    def panoptic(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str],
+        stuff: Collection[str] = (),
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+    ) -> PanopticResult | list[PanopticResult]:
+        """Every pixel assigned to one of `labels` or left void (0). `stuff` names the labels that are
+        amorphous (one segment per label); the others get one segment per instance."""
+        return self._map(self.predict(images, labels=labels, stuff=stuff, synonyms=synonyms), "panoptic")
+
+    def semantic(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str],
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+    ) -> SemanticResult | list[SemanticResult]:
+        predictions = self.predict(images, labels=labels, synonyms=synonyms, semantic=True, panoptic=False)
+        return self._map(predictions, "semantic")
+
+    def referring(
+        self, images: ImageInput | Sequence[ImageInput], prompts: Sequence[str] | Sequence[Sequence[str]]
+    ) -> ReferringResult | list[ReferringResult]:
+        """One mask per prompt. Several prompts in one call are decoded together (their tokens form one
+        sequence, as in the official model), so each can see the others."""
+        return self._map(self.predict(images, prompts=prompts), "referring")
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str] = (),
+        stuff: Collection[str] = (),
+        prompts: Sequence[str] | Sequence[Sequence[str]] = (),
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        semantic: bool = False,
+        panoptic: bool = True,
+    ) -> Prediction | list[Prediction]:
+        """Panoptic (and semantic) for `labels` and referring for `prompts` from ONE image encoding.
+
+        prompts: a list of strings for every image, or (with a list of images) one list per image.
+        """
+        single = not isinstance(images, list | tuple)
+        image_list = [images] if single else list(images)
+        if not image_list:
+            return []
+        vocabulary = Vocabulary.build(labels, stuff, synonyms) if labels else None
+        if vocabulary is None and (semantic or stuff or synonyms):
+            raise ValueError("labels are required for panoptic and semantic results")
+        per_image_prompts = _per_image(prompts, len(image_list), single)
+        if vocabulary is None and not any(per_image_prompts):
+            raise ValueError("nothing to predict: give labels, prompts, or both")
+        tasks = _Tasks(vocabulary, panoptic=vocabulary is not None and panoptic, semantic=semantic)
+        results = []
+        for start in range(0, len(image_list), self.batch_size):
+            end = start + self.batch_size
+            results += self._predict_batch(image_list[start:end], tasks, per_image_prompts[start:end])
+        return results[0] if single else results
+
+    # ------------------------------------------------------------------------------- embeddings
+    def class_embeddings(self, texts: Sequence[str]) -> Tensor:
+        """[len(texts) + 1, D] L2-normalised template-ensemble embeddings, "background" appended."""
+        return self.embedding_cache.get(self.fingerprint, self.model.language, self.tokenizer, [*texts, BACKGROUND])
+
+    # -------------------------------------------------------------------------------- internals
+    def prepare(self, image: ImageInput) -> _PreparedImage:
+        rgb = to_rgb(image)
+        return _PreparedImage(self.resize_policy.resize(rgb), rgb.shape[:2])
+
+    def _predict_batch(self, images: list[ImageInput], tasks: _Tasks, prompts: list[list[str]]) -> list[Prediction]:
+        prepared = [self.prepare(img) for img in images]
+        model = self.model
+        vocabulary = tasks.vocabulary
+        with torch.inference_mode():
+            class_embeddings = self.class_embeddings(vocabulary.texts) if vocabulary else None
+            prompt_data = [prompt_embeddings(model.language, self.tokenizer, p) if p else None for p in prompts]
+            batch = model.prepare_images([torch.tensor(p.resized).permute(2, 0, 1) for p in prepared])
+            with self._autocast():
+                features = model.encode_image(batch.pixels)
+                output = model.decode(features, class_embeddings, _grounding_tokens(prompt_data))
+            text_to_label = None
+            if vocabulary is not None and vocabulary.has_synonyms:
+                text_to_label = torch.tensor(vocabulary.text_to_label, device=model.device)
+            results = []
+            for i, image in enumerate(prepared):
+                geometry = Geometry(tuple(batch.pixels.shape[-2:]), batch.sizes[i], image.output_size)
+                prediction = Prediction()
+                if vocabulary is not None:
+                    probs = postprocess.group_probabilities(
+                        output.object_logits[i], text_to_label, len(vocabulary.labels)
+                    )
+                    masks = output.object_masks[i]
+                    if tasks.panoptic:
+                        prediction.panoptic = self._panoptic_result(probs, masks, vocabulary, geometry)
+                    if tasks.semantic:
+                        label_map, score_map = postprocess.semantic(probs, masks, geometry)
+                        prediction.semantic = SemanticResult(
+                            label_map.cpu().numpy(), score_map.cpu().numpy(), list(vocabulary.labels)
+                        )
+                if prompt_data[i] is not None:
+                    similarity = model.language.grounding_similarity(
+                        output.grounding_captions[i], prompt_data[i].pooled
+                    )
+                    match = postprocess.referring(similarity, output.grounding_masks[i], geometry)
+                    prediction.referring = ReferringResult(
+                        list(prompts[i]),
+                        match.masks.cpu().numpy(),
+                        match.similarity.cpu().numpy(),
+                        match.mask_scores.cpu().numpy(),
+                        match.query.cpu().numpy(),
+                    )
+                results.append(prediction)
+        return results
+
+    def _panoptic_result(
+        self, probs: Tensor, masks: Tensor, vocabulary: Vocabulary, geometry: Geometry
+    ) -> PanopticResult:
+        id_map, segments = postprocess.panoptic(
+            probs,
+            masks,
+            list(vocabulary.is_thing),
+            geometry,
+            self.object_mask_threshold,
+            self.overlap_threshold,
+        )
+        return PanopticResult(
+            id_map.cpu().numpy(),
+            [
+                Segment(
+                    s.id, vocabulary.labels[s.label_index], s.label_index, s.is_thing, s.score, s.mask_score, s.area
+                )
+                for s in segments
+            ],
+        )
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.autocast_dtype)
+
+    @staticmethod
+    def _map(predictions, attribute: str):
+        if isinstance(predictions, list):
+            return [getattr(p, attribute) for p in predictions]
+        return getattr(predictions, attribute)
+
+
+def _per_image(prompts, num_images: int, single: bool) -> list[list[str]]:
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, not a single string")
+    prompts = list(prompts)
+    nested = bool(prompts) and all(isinstance(p, list | tuple) for p in prompts)
+    if nested and not single:
+        if len(prompts) != num_images:
+            raise ValueError(f"{len(prompts)} prompt lists for {num_images} images")
+        per_image = [list(p) for p in prompts]
+    else:
+        per_image = [prompts] * num_images
+    for image_prompts in per_image:
+        for prompt in image_prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompts must be non-empty strings, got {prompt!r}")
+    return per_image
+
+
+def _grounding_tokens(prompt_data) -> GroundingTokens | None:
+    """Per-image concatenated prompt tokens, padded to a common length (padding is never attended)."""
+    if all(p is None for p in prompt_data):
+        return None
+    sequences = [p.concatenated() if p is not None else None for p in prompt_data]
+    reference = next(s for s in sequences if s is not None)
+    longest = max(len(s) for s in sequences if s is not None)
+    tokens = reference.new_zeros(len(sequences), longest, reference.shape[-1])
+    padding = torch.ones(len(sequences), longest, dtype=torch.bool, device=reference.device)
+    for i, seq in enumerate(sequences):
+        if seq is not None:
+            tokens[i, : len(seq)] = seq
+            padding[i, : len(seq)] = False
+    return GroundingTokens(tokens, padding if padding.any() else None)
+
+
+def _autocast_dtype(autocast: bool | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    if autocast is False:
+        return None
+    if isinstance(autocast, torch.dtype):
+        return autocast
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if autocast is True else None

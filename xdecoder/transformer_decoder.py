@@ -1,0 +1,246 @@
+"""The X-Decoder transformer decoder (Mask2Former-style masked attention plus text-aware queries).
+
+Queries: `num_queries - 1` object queries and one class query (the last row). Each layer runs masked
+cross-attention to one pixel-decoder level (strides 32, 16, 8 in turn), self-attention and an FFN, all
+post-norm. Before the first layer and after every layer the prediction head gives, per query:
+  logits   [B, N, K+1]  similarity to the K+1 class-name embeddings (the last is "background")
+  masks    [B, N, H/4, W/4]  mask logits
+  captions [B, N, D]    the query's embedding in the joint text space (`decoder_output @ class_embed`)
+
+Referring ("grounding") mode adds `num_queries - 1` copies of the object queries and appends the
+prompt's text tokens to the self-attention; the copies and the tokens see each other and never the
+object block, so rows 0..Q-1 are exactly the panoptic ones and one pass serves both tasks.
+N = Q in plain mode, 2Q - 1 in grounding mode (rows Q.. are the grounding queries).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DecoderConfig
+from .language import LanguageEncoder
+from .layers import MLP, Attention, sine_position_embedding
+
+NUM_LEVELS = 3
+
+
+@dataclass
+class QueryPredictions:
+    """One prediction-head output. `logits` is None when no class embeddings were given."""
+
+    logits: Tensor | None
+    masks: Tensor
+    captions: Tensor
+
+
+@dataclass
+class DecoderOutput:
+    layers: list[QueryPredictions]  # the first on the learnable queries, the last is the final output
+    num_queries: int
+
+    @property
+    def final(self) -> QueryPredictions:
+        return self.layers[-1]
+
+    @property
+    def object_logits(self) -> Tensor:
+        """[B, Q, K+1] class logits of the object queries and the class query."""
+        return self.final.logits[:, : self.num_queries]
+
+    @property
+    def object_masks(self) -> Tensor:
+        """[B, Q, H/4, W/4]."""
+        return self.final.masks[:, : self.num_queries]
+
+    @property
+    def grounding_masks(self) -> Tensor:
+        """[B, Q-1, H/4, W/4] mask logits of the grounding queries."""
+        return self.final.masks[:, self.num_queries :]
+
+    @property
+    def grounding_captions(self) -> Tensor:
+        """[B, Q-1, D]."""
+        return self.final.captions[:, self.num_queries :]
+
+
+@dataclass
+class GroundingTokens:
+    """Text tokens for referring: `tokens` [B, T, D] (prompt token embeddings @ lang_proj, all prompts of
+    an image concatenated) and `padding` [B, T] (True where a row is shorter than T)."""
+
+    tokens: Tensor
+    padding: Tensor | None = None
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, query_pos: Tensor, blocked: Tensor | None) -> Tensor:
+        q = x + query_pos
+        return self.norm(x + self.self_attn(q, q, x, blocked))
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.multihead_attn = Attention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, memory: Tensor, memory_pos: Tensor, query_pos: Tensor, blocked: Tensor) -> Tensor:
+        attended = self.multihead_attn(x + query_pos, memory + memory_pos, memory, blocked)
+        return self.norm(x + attended)
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, dim: int, dim_feedforward: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.linear2(F.relu(self.linear1(x))))
+
+
+class XDecoderTransformer(nn.Module):
+    def __init__(
+        self,
+        config: DecoderConfig,
+        in_channels: int,
+        mask_dim: int,
+        dim_proj: int,
+        language_encoder: LanguageEncoder,
+    ):
+        super().__init__()
+        hidden = config.hidden_dim
+        self.num_queries = config.num_queries
+        self.num_heads = config.nheads
+        num_layers = config.dec_layers - 1
+        self.class_embed = nn.Parameter(torch.empty(hidden, dim_proj))
+        nn.init.trunc_normal_(self.class_embed, std=0.02)
+        if config.captioning:
+            # Captioning head: unused here, kept so official checkpoints load strictly.
+            self.caping_embed = nn.Parameter(torch.zeros(hidden, dim_proj))
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden, config.nheads) for _ in range(num_layers)
+        )
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden, config.nheads) for _ in range(num_layers)
+        )
+        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden, config.dim_feedforward) for _ in range(num_layers))
+        self.decoder_norm = nn.LayerNorm(hidden)
+        self.query_feat = nn.Embedding(config.num_queries, hidden)
+        self.query_embed = nn.Embedding(config.num_queries, hidden)
+        self.level_embed = nn.Embedding(NUM_LEVELS, hidden)
+        if in_channels != hidden or config.enforce_input_proj:
+            self.input_proj = nn.ModuleList(nn.Conv2d(in_channels, hidden, 1) for _ in range(NUM_LEVELS))
+        else:
+            self.input_proj = None
+        self.lang_encoder = language_encoder
+        self.mask_embed = MLP(hidden, hidden, mask_dim, 3)
+        if config.captioning:
+            self.pos_embed_caping = nn.Embedding(language_encoder.context_length, hidden)
+
+    def forward(
+        self,
+        multi_scale: list[Tensor],
+        mask_features: Tensor,
+        class_embeddings: Tensor | None,
+        grounding: GroundingTokens | None = None,
+    ) -> DecoderOutput:
+        """multi_scale: 3 maps [B, C, h_i, w_i] (strides 32, 16, 8); mask_features [B, M, H/4, W/4];
+        class_embeddings [K+1, D] L2-normalised (last row "background"), or None to skip logits."""
+        batch = mask_features.shape[0]
+        memories, memory_pos, level_sizes = [], [], []
+        for level, x in enumerate(multi_scale):
+            level_sizes.append(tuple(x.shape[-2:]))
+            hidden = self.query_feat.embedding_dim
+            pos = sine_position_embedding(*x.shape[-2:], hidden // 2, x.device).to(x.dtype)
+            memory_pos.append(pos.flatten(2).transpose(1, 2))
+            projected = x if self.input_proj is None else self.input_proj[level](x)
+            memories.append(projected.flatten(2).transpose(1, 2) + self.level_embed.weight[level])
+
+        output = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
+        if grounding is not None:
+            output = torch.cat((output, output[:, :-1]), dim=1)
+            query_pos = torch.cat((query_pos, query_pos[:, :-1]), dim=1)
+            text_state = grounding.tokens
+            query_pos = torch.cat((query_pos, grounding.tokens), dim=1)
+        self_blocked = self._self_attention_mask(grounding, output.device)
+
+        predictions = [self._predict(output, mask_features, class_embeddings, grounding is not None)]
+        for i, (cross, self_attn, ffn) in enumerate(
+            zip(
+                self.transformer_cross_attention_layers,
+                self.transformer_self_attention_layers,
+                self.transformer_ffn_layers,
+                strict=True,
+            )
+        ):
+            level = i % NUM_LEVELS
+            blocked = self._cross_attention_mask(predictions[-1].masks, level_sizes[level], grounding is not None)
+            num_rows = output.shape[1]
+            output = cross(output, memories[level], memory_pos[level], query_pos[:, :num_rows], blocked)
+            if grounding is not None:
+                output = torch.cat((output, text_state), dim=1)
+            output = ffn(self_attn(output, query_pos, self_blocked))
+            if grounding is not None:
+                output, text_state = output[:, :num_rows], output[:, num_rows:]
+            predictions.append(self._predict(output, mask_features, class_embeddings, grounding is not None))
+        return DecoderOutput(predictions, self.num_queries)
+
+    def _predict(
+        self, output: Tensor, mask_features: Tensor, class_embeddings: Tensor | None, grounding: bool
+    ) -> QueryPredictions:
+        q = self.num_queries
+        decoded = self.decoder_norm(output)
+        # The class query is re-pooled from the object queries it is most similar to.
+        normed = decoded / (decoded.norm(dim=-1, keepdim=True) + 1e-7)
+        weights = (normed[:, q - 1 : q] @ normed[:, : q - 1].transpose(1, 2)).softmax(dim=-1)
+        class_query = weights @ decoded[:, : q - 1]
+        parts = [decoded[:, : q - 1], class_query]
+        if grounding:
+            parts.append(decoded[:, q:])
+        decoded = torch.cat(parts, dim=1)
+
+        captions = decoded @ self.class_embed
+        logits = None
+        if class_embeddings is not None:
+            logits = self.lang_encoder.similarity(captions, class_embeddings)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
+        return QueryPredictions(logits, masks, captions)
+
+    def _cross_attention_mask(self, masks: Tensor, size: tuple[int, int], grounding: bool) -> Tensor:
+        """Queries attend only where their current mask is on (sigmoid >= 0.5 at the level's size).
+        Returns blocked [B, 1, N, h*w]."""
+        resized = F.interpolate(masks, size=size, mode="bicubic", align_corners=False, antialias=True)
+        blocked = resized.sigmoid().flatten(2) < 0.5
+        if grounding:
+            # Official quirk (meant for the class token): the first grounding query sees everything.
+            blocked[:, self.num_queries] = False
+        blocked[blocked.all(dim=-1)] = False
+        return blocked.unsqueeze(1)
+
+    def _self_attention_mask(self, grounding: GroundingTokens | None, device: torch.device) -> Tensor:
+        """Blocked [B or 1, 1, L, L]: object queries and the class query do not see each other; grounding
+        queries and text tokens see only each other (and not padded tokens)."""
+        q = self.num_queries
+        size = q if grounding is None else 2 * q - 1 + grounding.tokens.shape[1]
+        blocked = torch.ones(size, size, dtype=torch.bool, device=device)
+        blocked[: q - 1, : q - 1] = False
+        blocked[q - 1, q - 1] = False
+        blocked[q:, q:] = False
+        blocked = blocked[None, None]
+        if grounding is not None and grounding.padding is not None:
+            pad_columns = torch.zeros(grounding.padding.shape[0], size, dtype=torch.bool, device=device)
+            pad_columns[:, 2 * q - 1 :] = grounding.padding
+            blocked = blocked | pad_columns[:, None, None, :]
+        return blocked
