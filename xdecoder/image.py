@@ -69,7 +69,7 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         array = array[:, :, :3] if array.shape[2] != 1 else array[:, :, 0]
-    if array.ndim not in (2, 3) or 0 in array.shape:
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)) or 0 in array.shape:
         raise ValueError(f"image array must be [H, W] or [H, W, 1|3|4] and non-empty, got shape {array.shape}")
     array = _to_uint8(array)
     if array.ndim == 2:

@@ -8,6 +8,7 @@ token ids [N, L] (L <= context length, start token first) ->
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class KeyValues(NamedTuple):
+    """Attention keys and values of already-encoded positions, per layer: [B, heads, P, C / heads]."""
+
+    keys: Tensor
+    values: Tensor
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN causal self-attention and QuickGELU MLP."""
 
@@ -53,10 +61,22 @@ class ResidualAttentionBlock(nn.Module):
         )
         self.ln_2 = FP32LayerNorm(width)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, past: KeyValues | None = None) -> tuple[Tensor, KeyValues]:
+        """x [B, L, C] are the positions after `past` (a shared prefix already encoded), if any.
+        Returns the new states and this layer's keys/values for x's positions."""
         h = self.ln_1(x)
-        x = x + self.attn(h, h, h, causal=True)
-        return x + self.mlp(self.ln_2(x))
+        q, k, v = self.attn.project(h, h, h)
+        own = KeyValues(k, v)
+        if past is None:
+            attended = self.attn.attend(q, k, v, causal=True)
+        else:
+            prefix = past.keys.shape[2]
+            k, v = torch.cat((past.keys, k), dim=2), torch.cat((past.values, v), dim=2)
+            position = torch.arange(x.shape[1], device=x.device)[:, None]
+            allowed = torch.arange(prefix + x.shape[1], device=x.device)[None, :] <= position + prefix
+            attended = self.attn.attend(q, k, v, allowed=allowed)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), own
 
 
 class TextTransformer(nn.Module):
@@ -67,14 +87,20 @@ class TextTransformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(config.width, config.heads) for _ in range(config.layers))
         self.ln_final = FP32LayerNorm(config.width)
 
-    def forward(self, token_ids: Tensor) -> Tensor:
-        """token_ids [N, L] -> hidden states [N, L, width]. Causal: position i sees positions <= i, so
-        cutting sequences after their end token changes nothing before it."""
-        length = token_ids.shape[1]
-        x = self.token_embedding(token_ids) + self.positional_embedding[:length]
-        for block in self.resblocks:
-            x = block(x)
-        return self.ln_final(x)
+    def forward(self, token_ids: Tensor, past: list[KeyValues] | None = None) -> tuple[Tensor, list[KeyValues]]:
+        """token_ids [N, L] -> (hidden states [N, L, width], per-layer keys/values of these positions).
+
+        Causal: position i sees positions <= i, so a sequence may be cut after its end token, and a prefix
+        shared by many sequences may be encoded once and passed as `past` (its per-layer keys/values,
+        batch-aligned with token_ids); token_ids then hold only the positions after the prefix.
+        """
+        start = 0 if past is None else past[0].keys.shape[2]
+        x = self.token_embedding(token_ids) + self.positional_embedding[start : start + token_ids.shape[1]]
+        cache = []
+        for i, block in enumerate(self.resblocks):
+            x, layer_cache = block(x, None if past is None else past[i])
+            cache.append(layer_cache)
+        return self.ln_final(x), cache
 
 
 class LanguageEncoder(nn.Module):
@@ -89,7 +115,7 @@ class LanguageEncoder(nn.Module):
     def encode(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """token_ids [N, L] -> (token embeddings [N, L, D], pooled [N, D]), both @ lang_proj, not
         normalised. The pooled token is the first end-of-text token (the largest id)."""
-        hidden = self.lang_encoder(token_ids)
+        hidden, _ = self.lang_encoder(token_ids)
         tokens = hidden @ self.lang_proj
         pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), token_ids.argmax(dim=-1)]
         return tokens, pooled

@@ -35,6 +35,11 @@ class Attention(nn.Module):
         self, query: Tensor, key: Tensor, value: Tensor, blocked: Tensor | None = None, causal: bool = False
     ) -> Tensor:
         """query [B, Lq, C], key/value [B, Lk, C] -> [B, Lq, C]. `causal`: position i sees keys <= i."""
+        q, k, v = self.project(query, key, value)
+        return self.attend(q, k, v, None if blocked is None else ~blocked, causal)
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections, split into heads: each [B, heads, L, C / heads]."""
         dim = query.shape[-1]
         w, b = self.in_proj_weight, self.in_proj_bias
         if query is key:
@@ -43,8 +48,10 @@ class Attention(nn.Module):
             q = F.linear(query, w[:dim], b[:dim])
             k = F.linear(key, w[dim : 2 * dim], b[dim : 2 * dim])
         v = F.linear(value, w[2 * dim :], b[2 * dim :])
-        q, k, v = (self._split_heads(t) for t in (q, k, v))
-        allowed = None if blocked is None else ~blocked
+        return self._split_heads(q), self._split_heads(k), self._split_heads(v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
+        """Scaled dot-product attention of projected heads, then the output projection -> [B, Lq, C]."""
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 

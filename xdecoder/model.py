@@ -123,14 +123,19 @@ class XDecoderModel(nn.Module):
         features: ImageFeatures,
         class_embeddings: Tensor | None,
         grounding: GroundingTokens | None = None,
+        all_layer_masks: bool = False,
     ) -> DecoderOutput:
         pixel = features.pixel
-        return self.decoder(pixel.multi_scale, pixel.mask_features, class_embeddings, grounding)
+        return self.decoder(pixel.multi_scale, pixel.mask_features, class_embeddings, grounding, all_layer_masks)
 
     def forward(
-        self, pixels: Tensor, class_embeddings: Tensor | None, grounding: GroundingTokens | None = None
+        self,
+        pixels: Tensor,
+        class_embeddings: Tensor | None,
+        grounding: GroundingTokens | None = None,
+        all_layer_masks: bool = False,
     ) -> DecoderOutput:
-        return self.decode(self.encode_image(pixels), class_embeddings, grounding)
+        return self.decode(self.encode_image(pixels), class_embeddings, grounding, all_layer_masks)
 
 
 def build_model(config: XDecoderConfig) -> XDecoderModel:

@@ -39,26 +39,47 @@ def language_fingerprint(encoder: LanguageEncoder) -> str:
 
 
 @torch.inference_mode()
-def pooled_embeddings(encoder: LanguageEncoder, token_ids: Tensor) -> Tensor:
-    """Pooled embeddings [N, D] of token ids [N, L], each sequence cut after its end token and
-    sequences of equal length batched together."""
+def shared_prefix_pooled(encoder: LanguageEncoder, token_ids: Tensor) -> Tensor:
+    """Pooled embeddings [G, M, D] of G groups of M token sequences [G, M, L].
+
+    Within a group the sequences usually share a prefix (a template's words before the class name);
+    the encoder is causal, so that prefix is encoded once and the members continue from its keys and
+    values. Each member is cut after its end token. Same result as encoding every sequence alone.
+    """
     device = encoder.lang_proj.device
-    ends = token_ids.argmax(dim=-1)
-    pooled = torch.empty(token_ids.shape[0], encoder.lang_proj.shape[1], device=device)
-    for end in ends.unique().tolist():
-        rows = (ends == end).nonzero()[:, 0]
-        _, group = encoder.encode(token_ids[rows, : end + 1].to(device))
-        pooled[rows.to(device)] = group.float()
+    token_ids = token_ids.to(device)
+    groups, members, length = token_ids.shape
+    ends = token_ids.argmax(dim=-1)  # first end token: the largest id
+    agree = (token_ids == token_ids[:, :1]).all(dim=1).long()  # [G, L]
+    # Shared prefix: agreeing positions up to the earliest end token, which stays with the members.
+    prefix_lengths = torch.minimum(agree.cumprod(dim=1).sum(dim=1), ends.min(dim=1).values)
+    pooled = torch.empty(groups, members, encoder.lang_proj.shape[1], device=device)
+    for prefix in prefix_lengths.unique().tolist():
+        group = (prefix_lengths == prefix).nonzero()[:, 0]
+        cache = None
+        if prefix > 0:
+            _, cache = encoder.lang_encoder(token_ids[group, 0, :prefix])
+            cache = [type(kv)(*(t.repeat_interleave(members, dim=0) for t in kv)) for kv in cache]
+        group_ends = ends[group].flatten()
+        rest = token_ids[group, :, prefix : int(group_ends.max()) + 1].flatten(0, 1)
+        hidden, _ = encoder.lang_encoder(rest, past=cache)
+        last = hidden[torch.arange(len(rest), device=device), group_ends - prefix]
+        pooled[group] = (last @ encoder.lang_proj).float().view(len(group), members, -1)
     return pooled
+
+
+def template_embeddings(encoder: LanguageEncoder, tokenizer: ClipTokenizer, names: Sequence[str]) -> Tensor:
+    """[len(names), templates, D]: each prompt template filled with each name, pooled, L2-normalised."""
+    texts = [template.format(clean_class_name(name)) for template in PROMPT_TEMPLATES for name in names]
+    token_ids, _ = tokenizer(texts)
+    pooled = shared_prefix_pooled(encoder, token_ids.view(len(PROMPT_TEMPLATES), len(names), -1))
+    pooled = pooled / (pooled.norm(dim=-1, keepdim=True) + 1e-7)
+    return pooled.transpose(0, 1)
 
 
 def class_name_embeddings(encoder: LanguageEncoder, tokenizer: ClipTokenizer, names: Sequence[str]) -> Tensor:
     """Template-ensemble embeddings [len(names), D], L2-normalised."""
-    texts = [template.format(clean_class_name(name)) for name in names for template in PROMPT_TEMPLATES]
-    token_ids, _ = tokenizer(texts)
-    per_template = pooled_embeddings(encoder, token_ids)
-    per_template = per_template / (per_template.norm(dim=-1, keepdim=True) + 1e-7)
-    mean = per_template.view(len(names), len(PROMPT_TEMPLATES), -1).mean(dim=1)
+    mean = template_embeddings(encoder, tokenizer, names).mean(dim=1)
     return mean / mean.norm(dim=-1, keepdim=True)
 
 

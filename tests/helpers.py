@@ -1,0 +1,60 @@
+"""Tiny random X-Decoder models built with our own code: every test but the parity ones uses these."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from xdecoder import XDecoderConfig, XDecoderModel, build_model, save_checkpoint
+from xdecoder.config import BackboneConfig, DecoderConfig, PixelDecoderConfig, TextConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PARITY_FIXTURES = SHARED / "fixtures" / "xdecoder_parity"
+REFERENCE = SHARED / "reference"
+
+
+def tiny_config(variant: str = "focal_dw", num_queries: int = 11) -> XDecoderConfig:
+    """Small enough to run in milliseconds; head counts are the ones `from_state_dict` infers."""
+    return XDecoderConfig(
+        backbone=BackboneConfig(
+            variant=variant, embed_dim=16, depths=(1, 1, 1, 1), focal_levels=(2, 2, 2, 2), focal_windows=(3, 3, 3, 3)
+        ),
+        pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, transformer_layers=1),
+        decoder=DecoderConfig(hidden_dim=64, num_queries=num_queries, nheads=8, dim_feedforward=128, dec_layers=4),
+        text=TextConfig(width=64, layers=2, heads=1),
+        dim_proj=64,
+        backbone_dim=128,
+    )
+
+
+def tiny_model(seed: int = 0, variant: str = "focal_dw", num_queries: int = 11) -> XDecoderModel:
+    """Seeded random weights, with a temperature high enough that class scores are decisive."""
+    torch.manual_seed(seed)
+    model = build_model(tiny_config(variant, num_queries))
+    with torch.no_grad():
+        model.language.logit_scale.fill_(math.log(60.0))
+        for name, param in model.named_parameters():
+            if name.endswith("gamma_1") or name.endswith("gamma_2"):
+                param.fill_(0.5)
+    return model.eval()
+
+
+def official_state_dict(model: XDecoderModel) -> dict[str, torch.Tensor]:
+    """The model's weights as the official code saves them (with its two extra entries)."""
+    state = dict(model.state_dict())
+    queries = model.config.decoder.num_queries
+    context = model.config.text.context_length
+    state["sem_seg_head.predictor.self_attn_mask"] = torch.zeros(1, queries + context, queries + context).bool()
+    state["criterion.empty_weight"] = torch.ones(134)
+    return state
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, fmt: str = "pt") -> Path:
+    """An official-format `.pt` (plain state dict) or our `.safetensors` (config in the header)."""
+    model = tiny_model(seed)
+    if fmt == "safetensors":
+        return save_checkpoint(model, path)
+    torch.save(official_state_dict(model), path)
+    return path
