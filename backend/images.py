@@ -239,7 +239,8 @@ class ImageFetcher:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ImageFetchError("timeout", f"{where}: took more than {self._settings.image_timeout_s} s")
-        headers = {"Accept": "image/*", "Accept-Encoding": "identity"}
+        # Label Studio answers 406 to "Accept: image/*" (its upload views negotiate as an API): accept anything.
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
         target, extensions = url, {}
         address = self._connect_address(url, where)
         if address is not None:

@@ -122,9 +122,7 @@ class LabelSpec:
     @classmethod
     def from_tag(cls, tag: LabelTag, control: ControlTag) -> LabelSpec:
         shown = tag.get_attr("value", tag.value)
-        texts = (
-            _split_names(tag.get_attr("predicted_values", "")) or _split_names(tag.get_attr("hint", "")) or (shown,)
-        )
+        texts = _split_names(tag.get_attr("predicted_values", "")) or _split_names(tag.get_attr("hint", "")) or (shown,)
         stuff = _bool_attr(tag, "stuff", control)
         return cls(
             value=tag.value,

@@ -77,8 +77,15 @@ class Settings(BaseSettings):
         gt=0,
         description="time /predict may spend before handing the rest to the queue (LS waits 100 s)",
     )
+    worker_heartbeat_s: int = env(
+        "XDECODER_WORKER_HEARTBEAT", 15, ge=1, description="a dead worker's job is retried about 2x this later"
+    )
+    worker_maintenance_s: int = env("XDECODER_WORKER_MAINTENANCE", 60, ge=1, description="how often a worker looks")
     finetune_every: int = env("XDECODER_FINETUNE_EVERY", 50, ge=1)
     finetune_cron: str = env("XDECODER_FINETUNE_CRON", "0 2 * * *")
+    finetune_epochs: int = env("XDECODER_FINETUNE_EPOCHS", 4, ge=1, description="passes over the corrections")
+    finetune_min_steps: int = env("XDECODER_FINETUNE_MIN_STEPS", 20, ge=1)
+    finetune_max_steps: int = env("XDECODER_FINETUNE_MAX_STEPS", 400, ge=1)
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

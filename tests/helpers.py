@@ -58,3 +58,20 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, fmt: str = "pt") -> Path:
         return save_checkpoint(model, path)
     torch.save(official_state_dict(model), path)
     return path
+
+
+def settings_env(settings) -> dict[str, str]:
+    """The environment variables that reproduce `settings` in a subprocess (e.g. a worker)."""
+    from pydantic import SecretStr
+
+    env = {}
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, list):
+            value = ",".join(value)
+        env[field.validation_alias.choices[0]] = str(value)
+    return env

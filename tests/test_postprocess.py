@@ -101,6 +101,7 @@ def test_referring_takes_the_most_similar_query():
     match = postprocess.referring(similarity, masks, GEOMETRY)
     assert match.query.tolist() == [1, 0]
     assert match.similarity.tolist() == [5.0, 9.0]
+    torch.testing.assert_close(match.probability, similarity.softmax(dim=0).max(dim=0).values)
     assert match.masks.shape == (2, 16, 16)
     assert match.masks[0, :7].all() and not match.masks[0, 9:].any()
     assert match.masks[1, 9:].all()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PixelDecoderConfig
-from .layers import Attention, ConvNorm, sine_position_embedding
+from .layers import Attention, ConvNorm, add_upsampled, sine_position_embedding
 
 
 @dataclass
@@ -95,8 +95,7 @@ class PixelDecoder(nn.Module):
         multi_scale = [y]
         for level, name in ((3, "res4"), (2, "res3"), (1, "res2")):
             lateral = getattr(self, f"adapter_{level}")(features[name])
-            y = lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest")
-            y = getattr(self, f"layer_{level}")(y)
+            y = getattr(self, f"layer_{level}")(add_upsampled(lateral, y))
             if len(multi_scale) < 3:
                 multi_scale.append(y)
         return PixelDecoderOutput(self.mask_features(y), encoder_output, multi_scale)

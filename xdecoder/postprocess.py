@@ -157,6 +157,7 @@ def semantic(probs: Tensor, masks: Tensor, geometry: Geometry) -> tuple[Tensor, 
 class ReferringMatch:
     query: Tensor  # [P] index of the grounding query chosen for each prompt
     similarity: Tensor  # [P] its score (clamped exp(logit_scale) * cosine)
+    probability: Tensor  # [P] softmax over the grounding queries of that score: how clearly it won
     masks: Tensor  # [P, H, W] bool at output size
     mask_scores: Tensor  # [P] mean sigmoid inside each mask
 
@@ -164,9 +165,11 @@ class ReferringMatch:
 def referring(similarity: Tensor, grounding_masks: Tensor, geometry: Geometry) -> ReferringMatch:
     """similarity [Q-1, P] of grounding queries to prompts; grounding_masks [Q-1, h, w] -> each prompt
     takes its most similar query's mask, binarised at logit > 0."""
-    best, query = similarity.float().max(dim=0)
+    similarity = similarity.float()
+    best, query = similarity.max(dim=0)
+    probability = similarity.softmax(dim=0).max(dim=0).values
     logits = upsample_masks(grounding_masks[query], geometry)
     masks = logits > 0
     sigmoid = logits.sigmoid()
     mask_scores = (sigmoid * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
-    return ReferringMatch(query, best, masks, mask_scores)
+    return ReferringMatch(query, best, probability, masks, mask_scores)

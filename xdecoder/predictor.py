@@ -72,6 +72,7 @@ class ReferringResult:
     prompts: list[str]
     masks: np.ndarray  # [P, H, W] bool
     scores: np.ndarray  # [P] matched query's similarity: min(exp(logit_scale), 100) * cosine
+    probabilities: np.ndarray  # [P] softmax of those similarities over the grounding queries, at the match
     mask_scores: np.ndarray  # [P] mean mask probability inside each mask
     matched_query: np.ndarray  # [P] grounding query index
 
@@ -292,6 +293,7 @@ class Predictor:
                         list(prompts[i]),
                         match.masks.cpu().numpy(),
                         match.similarity.cpu().numpy(),
+                        match.probability.cpu().numpy(),
                         match.mask_scores.cpu().numpy(),
                         match.query.cpu().numpy(),
                     )

@@ -1,0 +1,221 @@
+"""`xdecoder-ls`: every command of the backend.
+
+    xdecoder-ls serve        the ML backend Label Studio connects to
+    xdecoder-ls worker       run queued jobs (webhook events, pre-annotation, fine-tunes)
+    xdecoder-ls preannotate  pre-annotate a project through the workers, with a progress bar
+    xdecoder-ls finetune     fine-tune a project's model on its corrections now
+    xdecoder-ls versions     list (or serve) model versions
+    xdecoder-ls status       queues, workers, corrections, fine-tunes
+    xdecoder-ls bench        the benchmarks (model, polygons, server, queue)
+
+Configuration comes from the environment (see backend/settings.py and the README).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Large CPU tensors on transparent huge pages: far fewer page faults per forward pass. Read by torch
+# at its first allocation, so it is set before anything imports torch.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from rich.console import Console  # noqa: E402
+
+from .settings import Settings, get_settings  # noqa: E402
+
+console = Console()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xdecoder-ls", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the ML backend server")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=9090)
+
+    worker = commands.add_parser("worker", help="run queued jobs with the model loaded once")
+    worker.add_argument("--queues", default="events,predict,train", help="comma-separated: events,predict,train")
+    worker.add_argument("--device", help="cpu, cuda, cuda:1 ... (one worker per GPU)")
+    worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    worker.add_argument("--name")
+
+    pre = commands.add_parser("preannotate", help="pre-annotate a project through the workers")
+    pre.add_argument("--project", type=int, required=True)
+    pre.add_argument("--tasks", default="all", help="all, missing (no prediction at all), or ids: 1,2,3")
+    pre.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a referring prompt (repeatable)")
+    pre.add_argument("--detach", action="store_true", help="enqueue and return at once")
+
+    tune = commands.add_parser("finetune", help="fine-tune a project on its corrections")
+    tune.add_argument("--project", type=int, required=True)
+    tune.add_argument("--detach", action="store_true", help="enqueue and return at once")
+
+    versions = commands.add_parser("versions", help="list model versions, or serve one")
+    versions.add_argument("--project", type=int)
+    versions.add_argument("--serve", metavar="VERSION", help="serve this version for its project")
+    versions.add_argument("--json", action="store_true")
+
+    status = commands.add_parser("status", help="queues, workers, corrections, fine-tunes")
+    status.add_argument("--json", action="store_true")
+
+    bench = commands.add_parser("bench", help="run a benchmark; prints one JSON line of figures last")
+    bench.add_argument("which", choices=["model", "polygons", "server", "queue"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    handler = {
+        "serve": _serve,
+        "worker": _worker,
+        "preannotate": _preannotate,
+        "finetune": _finetune,
+        "versions": _versions,
+        "status": _status,
+        "bench": _bench,
+    }[args.command]
+    return handler(settings, args) or 0
+
+
+def _serve(settings: Settings, args) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def _worker(settings: Settings, args) -> int:
+    from .worker import run_worker
+
+    if args.device:
+        settings = settings.model_copy(update={"device": args.device})
+    run_worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.burst, args.name)
+    return 0
+
+
+def _preannotate(settings: Settings, args) -> int:
+    from . import preannotate
+    from .queues import connect
+
+    redis = connect(settings)
+    which, ids = args.tasks, None
+    if which not in ("all", "missing"):
+        ids = [int(i) for i in which.split(",") if i.strip()]
+        which = "all"
+    run = preannotate.start(settings, redis, args.project, which, ids, args.prompt)
+    console.print(f"run {run.run_id}: {run.total} tasks, model version {run.version}, {len(run.job_ids)} jobs queued")
+    if args.detach:
+        return 0
+    final = preannotate.watch(redis, run)
+    console.print(f"done {final.done}, failed {final.failed}, skipped {final.skipped} of {run.total}")
+    return 0 if final.failed == 0 and final.finished >= run.total else 1
+
+
+def _finetune(settings: Settings, args) -> int:
+    from rq.job import Job
+
+    from .corrections import CorrectionStore
+    from .learning import request_finetune
+    from .queues import LIVE_JOB_STATES, connect
+
+    redis = connect(settings)
+    job_id, queued = request_finetune(redis, settings, args.project, "command")
+    console.print(f"fine-tune {'queued' if queued else 'already queued or running'}: {job_id}")
+    if args.detach:
+        return 0
+    store = CorrectionStore(redis)
+    shown = None
+    with console.status("waiting for a train worker") as spinner:
+        while Job.fetch(job_id, connection=redis).get_status() in LIVE_JOB_STATES:
+            meta = store.meta(args.project)
+            line = " ".join(
+                (
+                    meta.get("finetune_status", "queued"),
+                    meta.get("finetune_progress", ""),
+                    meta.get("finetune_loss", ""),
+                )
+            )
+            if line != shown:
+                spinner.update(line)
+                shown = line
+            time.sleep(1)
+    job = Job.fetch(job_id, connection=redis)
+    console.print(job.return_value() if job.return_value() is not None else job.exc_info or job.get_status())
+    return 0 if job.return_value() is not None else 1
+
+
+def _versions(settings: Settings, args) -> int:
+    from .versions import VersionRegistry
+
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    if args.serve:
+        version = registry.get(args.serve)
+        if version.is_base:
+            console.print("the base version is served by removing a project's pointer; pick a fine-tuned one")
+            return 1
+        registry.promote(version)
+        console.print(f"project {version.project} now serves {version.name}")
+        return 0
+    versions = registry.all(args.project)
+    current = {p: registry.current(p).name for p in {v.project for v in versions if v.project is not None}}
+    rows = [
+        {
+            "name": v.name,
+            "project": v.project,
+            "status": v.status,
+            "served": v.is_base or current.get(v.project) == v.name,
+            "parent": v.parent,
+            "created_at": v.created_at,
+            "trained_on": v.trained_on,
+            "metrics": v.metrics,
+        }
+        for v in versions
+    ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            served = "*" if row["served"] else " "
+            console.print(f"{served} {row['name']:<40} {row['status']:<9} project={row['project']} {row['metrics']}")
+    return 0
+
+
+def _status(settings: Settings, args) -> int:
+    from .queues import connect, redis_url
+    from .status import collect, render
+
+    location = redis_url(settings)
+    status = collect(settings, connect(settings), location)
+    if args.json:
+        print(json.dumps(status))
+    else:
+        render(status, console)
+    return 0
+
+
+def _bench(settings: Settings, args) -> int:
+    if args.which == "model":
+        from xdecoder import bench as model_bench
+
+        model_bench.main(args.args)
+        return 0
+    import runpy
+
+    script = {"polygons": "polygons.py", "server": "server.py", "queue": "worker_queue.py"}[args.which]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", script)
+    sys.argv = [path, *args.args]
+    runpy.run_path(path, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

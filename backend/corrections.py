@@ -1,0 +1,162 @@
+"""The corrections store: annotators' answers, kept in Redis, as training data for fine-tuning.
+
+Per project (keys under `xdls:project:<id>:`):
+    corrections   hash  annotation id -> the annotation's result, its task's data, who and when
+    excluded      hash  annotation id -> why it is kept out of training (shown by `xdecoder-ls status`)
+    changed       set   annotation ids created or updated since the last fine-tune (the N-trigger)
+    meta          hash  latest label config, fine-tune bookkeeping
+
+Events may arrive twice or out of order (Label Studio retries; replays are harmless): the latest
+`updated_at` wins per annotation, and the trigger counts distinct annotations, not events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis import Redis
+
+PREFIX = "xdls"
+PROJECTS = f"{PREFIX}:projects"
+IGNORED_ACTIONS = f"{PREFIX}:events:ignored"
+REJECTED_EVENTS = f"{PREFIX}:events:rejected"
+MAX_REJECTED_KEPT = 200
+
+
+@dataclass
+class Correction:
+    annotation_id: int
+    task_id: int
+    data: dict  # the task's data (the image URL lives here)
+    result: list[dict]  # Label Studio result regions
+    completed_by: Any
+    updated_at: str
+    label_config_hash: str
+
+
+def config_hash(label_config: str | None) -> str:
+    return hashlib.sha1((label_config or "").strip().encode()).hexdigest()[:12]
+
+
+class CorrectionStore:
+    def __init__(self, redis: Redis):
+        self.redis = redis
+
+    def _key(self, project: int, name: str) -> str:
+        return f"{PREFIX}:project:{project}:{name}"
+
+    # -------------------------------------------------------------------------------- writing
+    def upsert(self, project: int, annotation: Mapping, task: Mapping, label_config: str | None) -> str:
+        """Store one annotation. Returns what happened: stored, unchanged, stale, or excluded:<reason>."""
+        annotation_id = int(annotation["id"])
+        if annotation.get("was_cancelled"):
+            self._exclude(project, annotation_id, "skipped or cancelled by the annotator")
+            return "excluded:cancelled"
+        correction = Correction(
+            annotation_id=annotation_id,
+            task_id=int(task.get("id") or annotation.get("task")),
+            data=dict(task.get("data") or {}),
+            result=list(annotation.get("result") or []),
+            completed_by=annotation.get("completed_by"),
+            updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
+            label_config_hash=config_hash(label_config),
+        )
+        if not correction.data:
+            self._exclude(project, annotation_id, "the webhook carried no task data (no image to learn from)")
+            return "excluded:no_task_data"
+        existing = self.get(project, annotation_id)
+        if existing is not None and existing.updated_at > correction.updated_at:
+            return "stale"  # an older event replayed after a newer one
+        if existing == correction:
+            return "unchanged"
+        with self.redis.pipeline() as pipe:
+            pipe.sadd(PROJECTS, project)
+            pipe.hset(self._key(project, "corrections"), annotation_id, json.dumps(asdict(correction)))
+            pipe.hdel(self._key(project, "excluded"), annotation_id)
+            pipe.sadd(self._key(project, "changed"), annotation_id)
+            if label_config:
+                pipe.hset(self._key(project, "meta"), mapping={"label_config": label_config})
+            pipe.execute()
+        return "stored"
+
+    def delete(self, project: int, annotation_ids: list[int]) -> int:
+        if not annotation_ids:
+            return 0
+        with self.redis.pipeline() as pipe:
+            pipe.hdel(self._key(project, "corrections"), *annotation_ids)
+            pipe.hdel(self._key(project, "excluded"), *annotation_ids)
+            pipe.srem(self._key(project, "changed"), *annotation_ids)
+            removed, _, _ = pipe.execute()
+        return int(removed)
+
+    def exclude(self, project: int, annotation_id: int, reason: str) -> None:
+        """Keep a stored correction out of training (e.g. its image is gone), with the reason."""
+        self._exclude(project, annotation_id, reason)
+
+    def _exclude(self, project: int, annotation_id: int, reason: str) -> None:
+        record = json.dumps({"reason": reason, "at": time.time()})
+        with self.redis.pipeline() as pipe:
+            pipe.sadd(PROJECTS, project)
+            pipe.hdel(self._key(project, "corrections"), annotation_id)
+            pipe.srem(self._key(project, "changed"), annotation_id)
+            pipe.hset(self._key(project, "excluded"), annotation_id, record)
+            pipe.execute()
+
+    def set_label_config(self, project: int, label_config: str) -> None:
+        self.redis.sadd(PROJECTS, project)
+        self.redis.hset(self._key(project, "meta"), mapping={"label_config": label_config})
+
+    def record_ignored(self, action: str) -> None:
+        self.redis.hincrby(IGNORED_ACTIONS, action, 1)
+
+    def record_rejected(self, action: str, reason: str) -> None:
+        entry = json.dumps({"action": action, "reason": reason, "at": time.time()})
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(REJECTED_EVENTS, entry)
+            pipe.ltrim(REJECTED_EVENTS, 0, MAX_REJECTED_KEPT - 1)
+            pipe.execute()
+
+    # -------------------------------------------------------------------------------- reading
+    def get(self, project: int, annotation_id: int) -> Correction | None:
+        raw = self.redis.hget(self._key(project, "corrections"), annotation_id)
+        return Correction(**json.loads(raw)) if raw else None
+
+    def all(self, project: int) -> Iterator[Correction]:
+        for raw in self.redis.hvals(self._key(project, "corrections")):
+            yield Correction(**json.loads(raw))
+
+    def count(self, project: int) -> int:
+        return int(self.redis.hlen(self._key(project, "corrections")))
+
+    def changed_count(self, project: int) -> int:
+        return int(self.redis.scard(self._key(project, "changed")))
+
+    def excluded(self, project: int) -> dict[int, dict]:
+        return {int(k): json.loads(v) for k, v in self.redis.hgetall(self._key(project, "excluded")).items()}
+
+    def label_config(self, project: int) -> str | None:
+        raw = self.redis.hget(self._key(project, "meta"), "label_config")
+        return raw.decode() if raw else None
+
+    def projects(self) -> list[int]:
+        return sorted(int(p) for p in self.redis.smembers(PROJECTS))
+
+    def meta(self, project: int) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self._key(project, "meta")).items()}
+
+    # ------------------------------------------------------------------------- fine-tune bookkeeping
+    def start_training_round(self, project: int) -> int:
+        """Reset the N-trigger counter at the start of a fine-tune; returns how many changes it had."""
+        with self.redis.pipeline() as pipe:
+            pipe.scard(self._key(project, "changed"))
+            pipe.delete(self._key(project, "changed"))
+            count, _ = pipe.execute()
+        return int(count)
+
+    def record_finetune(self, project: int, **fields: Any) -> None:
+        self.redis.hset(self._key(project, "meta"), mapping={f"finetune_{k}": str(v) for k, v in fields.items()})

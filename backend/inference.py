@@ -1,0 +1,317 @@
+"""Predictions for Label Studio tasks: the model loaded once per process, tasks in, results out.
+
+The server's /predict and the workers' pre-annotation jobs both call `ModelService.predict`, so the
+two paths give identical results. Each task is isolated: an image that cannot be fetched or decoded
+gives that task an empty placeholder (logged with the reason) and the others go on.
+
+Placeholders carry a model_version of their own ("<version>/failed", "<version>/pending"), never the
+current one: Label Studio skips tasks that already have a prediction of the current version, so an
+empty placeholder under that name would hide the task from every later retrieval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xdecoder import Prediction, Predictor, XDecoderConfig, XDecoderModel, build_model, load_model
+from xdecoder.checkpoint import load_state_dict_strict
+
+from .images import ImageFetcher, ImageFetchError
+from .label_config import ControlSpec, ImageSpec, ProjectSpec, Prompt
+from .polygons import PolygonOptions
+from .results import ReferringRegion, RegionIds, image_regions, task_score
+from .settings import Settings
+from .versions import ModelVersion, VersionRegistry
+
+logger = logging.getLogger(__name__)
+
+PREFETCH = 4  # images fetched ahead of the model
+MAX_LOADED_VERSIONS = 3  # fine-tuned versions kept in memory besides the base
+
+
+@dataclass
+class TaskPrediction:
+    """One task's answer. `error` says why there is no result (it is logged, not sent)."""
+
+    result: list[dict]
+    score: float
+    model_version: str
+    error: str | None = None
+
+    def to_label_studio(self) -> dict:
+        return {"result": self.result, "score": self.score, "model_version": self.model_version}
+
+
+@dataclass
+class PredictOutcome:
+    predictions: list[TaskPrediction]  # one per task, in task order
+    unfinished: list[int] = field(default_factory=list)  # indexes of tasks not reached before the deadline
+
+
+@dataclass
+class _ImageWork:
+    """One image of one task, with what to ask the model about it."""
+
+    task_index: int
+    spec: ImageSpec
+    controls: list[ControlSpec]
+    labels: tuple[str, ...]
+    stuff: frozenset[str]
+    synonyms: dict[str, tuple[str, ...]]
+    prompts: list[Prompt]
+
+    @property
+    def vocabulary_key(self) -> tuple:
+        return self.labels, self.stuff, tuple(sorted(self.synonyms.items()))
+
+
+def load_base_model(settings: Settings) -> XDecoderModel:
+    config = XDecoderConfig.from_official_yaml(settings.official_config) if settings.official_config else None
+    started = time.perf_counter()
+    model = load_model(settings.checkpoint, config=config, device=settings.device)
+    logger.info("loaded %s on %s in %.1f s", settings.checkpoint, model.device, time.perf_counter() - started)
+    return model
+
+
+class ModelService:
+    def __init__(self, settings: Settings, model: XDecoderModel | None = None, fetcher: ImageFetcher | None = None):
+        self.settings = settings
+        self.registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+        self.fetcher = fetcher or ImageFetcher(settings)
+        self.base_model = model if model is not None else load_base_model(settings)
+        self.polygon_options = PolygonOptions(
+            tolerance_px=settings.polygon_tolerance_px,
+            max_points=settings.polygon_max_points,
+            min_area_px=settings.polygon_min_area_px,
+            keep_holes=settings.polygon_keep_holes,
+        )
+        self._predictors: OrderedDict[str, Predictor] = OrderedDict()
+        # One inference at a time: a forward pass already uses every core, and two would double memory.
+        self._inference = threading.Lock()
+        self._loading = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="fetch")
+        self.clock = time.monotonic  # what `deadline` is measured on
+
+    # ------------------------------------------------------------------------------- versions
+    def current_version(self, project: int | None) -> ModelVersion:
+        return self.registry.current(project)
+
+    def predictor(self, version: ModelVersion) -> Predictor:
+        with self._loading:
+            if version.name in self._predictors:
+                self._predictors.move_to_end(version.name)
+                return self._predictors[version.name]
+            model = self.base_model if version.is_base else self._load_fine_tuned(version)
+            predictor = Predictor(
+                model,
+                short_side=self.settings.short_side,
+                max_long_side=self.settings.max_long_side,
+                object_mask_threshold=self.settings.object_mask_threshold,
+                overlap_threshold=self.settings.overlap_threshold,
+                batch_size=self.settings.batch_size,
+            )
+            self._predictors[version.name] = predictor
+            fine_tuned = [name for name in self._predictors if name != self.registry.base.name]
+            for name in fine_tuned[:-MAX_LOADED_VERSIONS]:
+                del self._predictors[name]
+            return predictor
+
+    def _load_fine_tuned(self, version: ModelVersion) -> XDecoderModel:
+        """The base model's tensors, with the ones fine-tuning changed replaced (the rest are shared)."""
+        from safetensors.torch import load_file
+
+        base = self.base_model
+        changed = load_file(str(self.registry.weights_path(version)), device=str(base.device))
+        state = dict(base.state_dict())
+        state.update({k: v.to(state[k].dtype) if k in state else v for k, v in changed.items()})
+        with torch.device("meta"):
+            model = build_model(base.config)
+        load_state_dict_strict(model, state)
+        model.reset_constants()
+        logger.info("loaded model version %s (%d tensors fine-tuned)", version.name, len(changed))
+        return model.to(base.device).eval()
+
+    # ------------------------------------------------------------------------------ predicting
+    def predict(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        spec: ProjectSpec,
+        project: int | None,
+        context: Mapping[str, Any] | None = None,
+        deadline: float | None = None,
+    ) -> PredictOutcome:
+        """Results for `tasks` (Label Studio task dicts with `id` and `data`), in order.
+
+        context: /predict's params.context (interactive mode): when it holds prompts, only those are
+        segmented. deadline: a time.monotonic() after which no new task is started; tasks left over
+        are listed in `unfinished` and get "/pending" placeholders.
+        """
+        version = self.current_version(project)
+        predictor = self.predictor(version)
+        works = [self._plan(i, task, spec, context) for i, task in enumerate(tasks)]
+        progress = _Progress(len(tasks))
+        for index, task_works in enumerate(works):
+            if not task_works:
+                progress.failed[index] = "no_image"
+                logger.error("task %s: no image URL in the fields %s", tasks[index].get("id"), _image_keys(spec))
+        queue = self._fetched([w for task_works in works for w in task_works], tasks)
+        processed = 0
+        seconds_per_image = 0.0
+        while processed < len(queue):
+            batch = queue[processed : processed + self.settings.batch_size]
+            if deadline is not None and self.clock() + seconds_per_image * len(batch) > deadline:
+                break
+            started = self.clock()
+            for group in _same_vocabulary(batch):
+                self._run(predictor, group, tasks, progress)
+            spent = (self.clock() - started) / len(batch)
+            seconds_per_image = spent if processed == 0 else 0.7 * seconds_per_image + 0.3 * spent
+            processed += len(batch)
+        for _, future in queue[processed:]:
+            future.cancel()
+
+        finished = {work.task_index for work, _ in queue[:processed]} - {w.task_index for w, _ in queue[processed:]}
+        outcome = PredictOutcome([])
+        for index in range(len(tasks)):
+            if index in progress.failed:
+                outcome.predictions.append(TaskPrediction([], 0.0, f"{version.name}/failed", progress.failed[index]))
+            elif index in finished:
+                score = round(float(np.mean(progress.scores[index])), 6)
+                outcome.predictions.append(TaskPrediction(progress.regions[index], score, version.name))
+            else:
+                outcome.predictions.append(TaskPrediction([], 0.0, f"{version.name}/pending"))
+                outcome.unfinished.append(index)
+        return outcome
+
+    def _plan(
+        self, index: int, task: Mapping[str, Any], spec: ProjectSpec, context: Mapping[str, Any] | None
+    ) -> list[_ImageWork]:
+        data = task.get("data") or {}
+        works = []
+        for image in spec.images:
+            if not data.get(image.data_key):
+                continue
+            prompts = image.prompts(data, context)
+            interactive = [p for p in prompts if p.source == "context"]
+            controls = self._chosen_controls(image)
+            labels: list[str] = []
+            stuff, synonyms = set(), {}
+            if not interactive:  # an annotator's prompt asks for that region only, not for a full pre-fill
+                for control in controls:
+                    for label in control.panoptic_labels:
+                        if label.value not in labels:
+                            labels.append(label.value)
+                            synonyms[label.value] = label.texts
+                            if label.stuff:
+                                stuff.add(label.value)
+            works.append(
+                _ImageWork(index, image, controls, tuple(labels), frozenset(stuff), synonyms, interactive or prompts)
+            )
+        return works
+
+    def _chosen_controls(self, image: ImageSpec) -> list[ControlSpec]:
+        if image.polygon_controls and image.brush_controls:
+            both = self.settings.both_controls_output
+            if both == "polygons":
+                return list(image.polygon_controls)
+            if both == "brush":
+                return list(image.brush_controls)
+        return list(image.controls)
+
+    def _fetched(self, works: list[_ImageWork], tasks) -> list[tuple[_ImageWork, Future]]:
+        """(work, future image) in order. Fetches start at once but run a few at a time (the pool's
+        size), so images arrive ahead of the model without all being held in memory."""
+        queue = []
+        for work in works:
+            task = tasks[work.task_index]
+            url = str((task.get("data") or {}).get(work.spec.data_key))
+            queue.append((work, self._pool.submit(self.fetcher.fetch, url, task.get("id"))))
+        return queue
+
+    def _run(self, predictor: Predictor, group, tasks, progress: _Progress) -> None:
+        ready = []
+        for work, future in group:
+            try:
+                ready.append((work, _rgb(future.result())))
+            except ImageFetchError as error:
+                task_id = tasks[work.task_index].get("id")
+                logger.error("task %s: no prediction, image unavailable (%s): %s", task_id, error.reason, error)
+                progress.failed[work.task_index] = error.reason
+        asks = [(w, img) for w, img in ready if w.labels or w.prompts]
+        if asks:
+            first = asks[0][0]
+            with self._inference:
+                predictions = predictor.predict(
+                    [img for _, img in asks],
+                    labels=first.labels,
+                    stuff=first.stuff,
+                    synonyms=first.synonyms,
+                    prompts=[[p.text for p in w.prompts] for w, _ in asks],
+                )
+        else:
+            predictions = []
+        results = {id(w): p for (w, _), p in zip(asks, predictions, strict=True)}
+        for work, rgb in ready:
+            prediction = results.get(id(work), Prediction())
+            referring = _referring_regions(work, prediction)
+            ids = RegionIds(tasks[work.task_index].get("id"))
+            progress.regions[work.task_index] += image_regions(
+                work.spec, rgb.shape[:2], work.controls, prediction, referring, ids, self.polygon_options
+            )
+            progress.scores[work.task_index].append(task_score(prediction, referring))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.fetcher.close()
+
+
+class _Progress:
+    def __init__(self, num_tasks: int):
+        self.regions: dict[int, list[dict]] = {i: [] for i in range(num_tasks)}
+        self.scores: dict[int, list[float]] = {i: [] for i in range(num_tasks)}
+        self.failed: dict[int, str] = {}
+
+
+def _image_keys(spec: ProjectSpec) -> list[str]:
+    return [image.data_key for image in spec.images]
+
+
+def _same_vocabulary(batch):
+    """Split a batch into runs of consecutive images asking for the same labels."""
+    groups: list[list] = []
+    for item in batch:
+        if groups and groups[-1][0][0].vocabulary_key == item[0].vocabulary_key:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def _referring_regions(work: _ImageWork, prediction: Prediction) -> list[ReferringRegion]:
+    referring = prediction.referring
+    if referring is None:
+        return []
+    return [
+        ReferringRegion(
+            referring.masks[i],
+            prompt.label,
+            prompt.text,
+            float(referring.probabilities[i] * referring.mask_scores[i]),
+        )
+        for i, prompt in enumerate(work.prompts)
+    ]

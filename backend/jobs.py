@@ -1,0 +1,196 @@
+"""What the workers run. Each function is enqueued by its dotted path (e.g. "backend.jobs.apply_event")
+by the server or the CLI, and runs inside `xdecoder-ls worker`, which keeps one `WorkerContext` (and
+so one loaded model) for all its jobs.
+
+Jobs are safe to run twice: RQ re-runs a job whose worker died mid-way, and Label Studio re-sends
+webhooks. Events are upserts keyed by annotation id; predictions are skipped for tasks that already
+have one of the current model version.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+
+from .corrections import CorrectionStore
+from .inference import ModelService
+from .label_config import LabelConfigError, ProjectSpec
+from .labelstudio import LabelStudioAPI
+from .progress import RunProgress
+from .settings import Settings, get_settings
+from .versions import project_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """Everything a worker process keeps between jobs."""
+
+    settings: Settings
+    redis: Redis
+    _service: ModelService | None = field(default=None, repr=False)
+    _label_studio: LabelStudioAPI | None = field(default=None, repr=False)
+
+    @property
+    def service(self) -> ModelService:
+        return self.load_model()
+
+    def load_model(self) -> ModelService:
+        if self._service is None:
+            self._service = ModelService(self.settings)
+        return self._service
+
+    @property
+    def label_studio(self) -> LabelStudioAPI:
+        if self._label_studio is None:
+            self._label_studio = LabelStudioAPI(self.settings)
+        return self._label_studio
+
+    @property
+    def store(self) -> CorrectionStore:
+        return CorrectionStore(self.redis)
+
+
+_context: WorkerContext | None = None
+
+
+def set_context(context: WorkerContext | None) -> None:
+    global _context
+    _context = context
+
+
+def context() -> WorkerContext:
+    global _context
+    if _context is None:
+        from .queues import connect
+
+        settings = get_settings()
+        _context = WorkerContext(settings, connect(settings))
+    return _context
+
+
+# ------------------------------------------------------------------------------------------ events
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+
+
+def apply_event(payload: Mapping[str, Any]) -> str:
+    """Apply one stored webhook to the corrections store; returns what was done (kept as the job result)."""
+    from .learning import maybe_request_finetune, request_finetune
+
+    ctx = context()
+    store = ctx.store
+    action = str(payload.get("action"))
+    project_field = payload.get("project")
+    project = project_id(project_field.get("id") if isinstance(project_field, Mapping) else project_field)
+    label_config = project_field.get("label_config") if isinstance(project_field, Mapping) else None
+    if project is None:
+        store.record_rejected(action, "no project id")
+        logger.warning("webhook %s without a project id: ignored", action)
+        return "rejected: no project"
+
+    if action in ANNOTATION_ACTIONS or action == "ANNOTATIONS_CREATED":
+        pairs = _annotation_task_pairs(payload)
+        if not pairs:
+            store.record_rejected(action, "no annotation in the payload")
+            logger.warning("webhook %s for project %s carries no annotation: ignored", action, project)
+            return "rejected: no annotation"
+        outcomes = [store.upsert(project, annotation, task, label_config) for annotation, task in pairs]
+        maybe_request_finetune(ctx.redis, ctx.settings, project)
+        return f"{action}: " + ", ".join(outcomes)
+    if action == "ANNOTATIONS_DELETED":
+        ids = [int(a["id"]) for a in payload.get("annotations") or [] if isinstance(a, Mapping) and "id" in a]
+        return f"deleted {store.delete(project, ids)} of {len(ids)}"
+    if action == "START_TRAINING":
+        if label_config:
+            store.set_label_config(project, label_config)
+        for task in payload.get("tasks") or []:  # the older POST /train carries the annotated tasks
+            for annotation in task.get("annotations") or []:
+                store.upsert(project, annotation, task, label_config)
+        job_id, queued = request_finetune(ctx.redis, ctx.settings, project, "start_training")
+        return f"fine-tune {'queued' if queued else 'already queued or running'}: {job_id}"
+    store.record_ignored(action)
+    return f"ignored {action}"
+
+
+def _annotation_task_pairs(payload: Mapping[str, Any]) -> list[tuple[Mapping, Mapping]]:
+    """(annotation, task) pairs from a single or a bulk (lists under the same keys) annotation event."""
+    annotations = payload.get("annotation")
+    tasks = payload.get("task")
+    if isinstance(annotations, Mapping):
+        annotations = [annotations]
+    if isinstance(tasks, Mapping):
+        tasks = [tasks]
+    tasks_by_id = {t.get("id"): t for t in tasks or [] if isinstance(t, Mapping)}
+    return [
+        (a, tasks_by_id.get(a.get("task"), {}))
+        for a in annotations or []
+        if isinstance(a, Mapping) and a.get("id") is not None
+    ]
+
+
+# ------------------------------------------------------------------------------------- predictions
+def predict_chunk(
+    project: int, tasks: Sequence[Mapping[str, Any]], label_config: str | None, run_id: str | None = None
+) -> dict[str, int]:
+    """Predict tasks and post the predictions to Label Studio under the current model version.
+
+    Skips tasks that already have a prediction of that version (so a re-run after a crash, or a
+    resumed `preannotate`, posts nothing twice), and posts nothing for tasks that fail: an empty
+    prediction under the current version would make Label Studio skip the task for good.
+    """
+    ctx = context()
+    service, api = ctx.service, ctx.label_studio
+    progress = RunProgress(ctx.redis, run_id or f"handover-{uuid.uuid4().hex[:8]}")
+    try:
+        spec = ProjectSpec.parse(label_config or api.label_config(project))
+    except LabelConfigError as error:
+        progress.add(failed=len(tasks))
+        logger.error("project %s: cannot pre-annotate: %s", project, error)
+        return {"done": 0, "skipped": 0, "failed": len(tasks)}
+    version = service.current_version(project)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for task in tasks:
+        task_id = int(task["id"])
+        if progress.already_predicted(project, version.name, task_id) or (
+            version.name in api.prediction_versions(task_id)
+        ):
+            progress.mark_predicted(project, version.name, task_id)
+            progress.add(skipped=1)
+            counts["skipped"] += 1
+            continue
+        prediction = service.predict([task], spec, project).predictions[0]
+        if prediction.error is not None:
+            progress.add(failed=1)
+            counts["failed"] += 1
+            continue
+        api.create_prediction(project, task_id, prediction.result, prediction.score, prediction.model_version)
+        progress.mark_predicted(project, version.name, task_id)
+        progress.add(done=1)
+        counts["done"] += 1
+    logger.info("project %s, run %s: %s", project, progress.run_id, counts)
+    return counts
+
+
+def finetune(project: int, reason: str) -> dict[str, Any]:
+    from .finetune import run_finetune
+
+    return run_finetune(context(), project, reason)
+
+
+def nightly_finetunes() -> list[str]:
+    """Queue a fine-tune for every project with corrections since its last one."""
+    from .learning import request_finetune
+
+    ctx = context()
+    queued = []
+    for project in ctx.store.projects():
+        if ctx.store.changed_count(project) > 0:
+            job_id, _ = request_finetune(ctx.redis, ctx.settings, project, "nightly")
+            queued.append(job_id)
+    return queued

@@ -1,0 +1,124 @@
+"""`xdecoder-ls preannotate`: pre-annotate a whole project through the workers.
+
+Label Studio's "Retrieve predictions" sends a whole selection in one request with a 100 s timeout;
+big projects cannot finish in it. This command lists the project's tasks through the Label Studio
+API, enqueues them in chunks on the `predict` queue, and shows progress until the workers are done
+(or returns at once with --detach). Workers post each prediction to Label Studio under the current
+model version and skip tasks that already have one, so an interrupted run simply resumes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis import Redis
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rq.job import Job
+
+from .label_config import ProjectSpec
+from .labelstudio import LabelStudioAPI, LabelStudioTask
+from .progress import ProgressSnapshot, RunProgress
+from .queues import LIVE_JOB_STATES, PREDICT, enqueue
+from .settings import Settings
+from .versions import VersionRegistry
+
+CHUNK_SIZE = 16
+PLACEHOLDER_SUFFIXES = ("/pending", "/failed")  # empty answers /predict gave, not predictions
+POLL_S = 1.0
+
+
+@dataclass
+class PreannotateRun:
+    run_id: str
+    project: int
+    version: str
+    total: int
+    job_ids: list[str]
+
+
+def select_tasks(tasks: Sequence[LabelStudioTask], version: str, which: str) -> tuple[list[LabelStudioTask], int]:
+    """(tasks to predict, how many were skipped). `which`: "all" (every task without a prediction of
+    the current version) or "missing" (only tasks without any prediction)."""
+    chosen = []
+    for task in tasks:
+        real = {v for v in task.model_versions if not v.endswith(PLACEHOLDER_SUFFIXES)}
+        if version not in real and (which != "missing" or not real):
+            chosen.append(task)
+    return chosen, len(tasks) - len(chosen)
+
+
+def with_prompts(task: LabelStudioTask, spec: ProjectSpec, prompts: Sequence[str]) -> dict:
+    """The task payload with extra prompts added to every prompt field the config reads."""
+    payload = task.to_payload()
+    if not prompts:
+        return payload
+    data = dict(payload["data"])
+    for image in spec.images:
+        for area in image.prompt_areas:
+            existing = data.get(area.data_field)
+            current = [existing] if isinstance(existing, str) and existing else list(existing or [])
+            data[area.data_field] = current + [p for p in prompts if p not in current]
+    payload["data"] = data
+    return payload
+
+
+def start(
+    settings: Settings,
+    redis: Redis,
+    project: int,
+    which: str = "all",
+    task_ids: Sequence[int] | None = None,
+    prompts: Sequence[str] = (),
+    api: LabelStudioAPI | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> PreannotateRun:
+    api = api or LabelStudioAPI(settings)
+    label_config = api.label_config(project)
+    spec = ProjectSpec.parse(label_config)
+    if prompts and not any(image.prompt_areas for image in spec.images):
+        raise ValueError(
+            "--prompt needs a <TextArea> attached to the image in the labeling config (see label_config/README.md)"
+        )
+    version = VersionRegistry(settings.model_dir, settings.checkpoint).current(project).name
+    tasks, skipped = select_tasks(list(api.tasks(project, task_ids)), version, which)
+    run = PreannotateRun(f"run-p{project}-{uuid.uuid4().hex[:8]}", project, version, len(tasks) + skipped, [])
+    progress = RunProgress(redis, run.run_id)
+    progress.start(run.total, project, version)
+    progress.add(skipped=skipped)
+    for begin in range(0, len(tasks), chunk_size):
+        chunk = [with_prompts(t, spec, prompts) for t in tasks[begin : begin + chunk_size]]
+        job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, chunk, label_config, run.run_id)
+        run.job_ids.append(job.id)
+    return run
+
+
+def watch(redis: Redis, run: PreannotateRun, poll_s: float = POLL_S) -> ProgressSnapshot:
+    """Show a live progress bar (done / failed / rate / ETA) until every task is accounted for, or every
+    job has stopped (e.g. they failed for good)."""
+    progress = RunProgress(redis, run.run_id)
+    columns = (
+        TextColumn(f"[bold]project {run.project}[/] {run.version}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("preannotate", total=run.total, detail="")
+        while True:
+            snapshot = progress.snapshot()
+            rate = snapshot.done / max(time.time() - snapshot.started_at, 1e-6)
+            detail = f"done {snapshot.done}  failed {snapshot.failed}  skipped {snapshot.skipped}  {rate:.2f}/s"
+            bar.update(task, completed=snapshot.finished, detail=detail)
+            if snapshot.finished >= run.total or not _any_job_alive(redis, run.job_ids):
+                return progress.snapshot()
+            time.sleep(poll_s)
+
+
+def _any_job_alive(redis: Redis, job_ids: list[str]) -> bool:
+    jobs = Job.fetch_many(job_ids, connection=redis)
+    return any(job is not None and job.get_status() in LIVE_JOB_STATES for job in jobs)

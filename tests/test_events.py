@@ -1,0 +1,136 @@
+"""Webhook events applied to the corrections store (real Redis), and the fine-tune triggers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from rq import Queue
+
+from backend import jobs
+from backend.corrections import CorrectionStore
+from backend.learning import request_finetune
+from backend.status import collect
+from tests.conftest import reference_payload
+
+
+@pytest.fixture
+def worker_context(settings, redis):
+    context = jobs.WorkerContext(settings, redis)
+    jobs.set_context(context)
+    yield context
+    jobs.set_context(None)
+
+
+def created(annotation_id=1, task_id=1, updated_at="2026-11-23T01:30:43.665757Z", label="Car", **annotation):
+    event = copy.deepcopy(reference_payload("webhook_annotation_created.json"))
+    event["annotation"].update(id=annotation_id, task=task_id, updated_at=updated_at, **annotation)
+    event["annotation"]["result"][0]["value"]["polygonlabels"] = [label]
+    event["task"]["id"] = task_id
+    return event
+
+
+def test_annotation_created_is_stored_with_its_task_and_author(worker_context):
+    jobs.apply_event(reference_payload("webhook_annotation_created.json"))
+    store = worker_context.store
+    correction = store.get(3, 1)
+    assert correction.task_id == 1 and correction.completed_by == 1
+    assert correction.data == {"image": "/data/upload/3/bf8c4da5-red.png"}
+    assert correction.result[0]["value"]["polygonlabels"] == ["Car"]
+    assert store.count(3) == 1 and store.changed_count(3) == 1
+    assert "Car" in store.label_config(3)
+
+
+def test_replays_are_harmless_and_the_latest_update_wins(worker_context):
+    store = worker_context.store
+    jobs.apply_event(created(updated_at="2026-11-23T01:00:00Z", label="Car"))
+    jobs.apply_event(created(updated_at="2026-11-23T02:00:00Z", label="Sky"))  # ANNOTATION_UPDATED later
+    assert jobs.apply_event(created(updated_at="2026-11-23T01:00:00Z", label="Car")).endswith("stale")
+    assert jobs.apply_event(created(updated_at="2026-11-23T02:00:00Z", label="Sky")).endswith("unchanged")
+    assert store.get(3, 1).result[0]["value"]["polygonlabels"] == ["Sky"]
+    assert store.count(3) == 1 and store.changed_count(3) == 1  # one annotation, counted once
+
+
+def test_updated_event_from_label_studio_is_applied(worker_context):
+    jobs.apply_event(reference_payload("webhook_annotation_updated.json"))
+    assert worker_context.store.count(3) == 1
+
+
+def test_deletion_removes_corrections(worker_context):
+    store = worker_context.store
+    jobs.apply_event(created(annotation_id=1))
+    jobs.apply_event(created(annotation_id=2, task_id=2))
+    result = jobs.apply_event(reference_payload("webhook_annotations_deleted.json"))  # deletes id 1
+    assert result == "deleted 1 of 1"
+    assert store.get(3, 1) is None and store.get(3, 2) is not None
+    assert store.changed_count(3) == 1
+
+
+def test_bulk_annotations_created_pairs_annotations_with_tasks(worker_context):
+    single = created()
+    bulk = {
+        "action": "ANNOTATIONS_CREATED",
+        "project": single["project"],
+        "annotation": [created(7, 70)["annotation"], created(8, 80)["annotation"]],
+        "task": [created(7, 70)["task"], created(8, 80)["task"]],
+    }
+    jobs.apply_event(bulk)
+    store = worker_context.store
+    assert {store.get(3, 7).task_id, store.get(3, 8).task_id} == {70, 80}
+
+
+def test_skipped_annotations_are_not_training_data(worker_context):
+    store = worker_context.store
+    jobs.apply_event(created(annotation_id=5))
+    jobs.apply_event(created(annotation_id=5, updated_at="2026-11-23T03:00:00Z", was_cancelled=True))
+    assert store.get(3, 5) is None
+    assert "cancelled" in store.excluded(3)[5]["reason"]
+
+
+def test_other_actions_and_broken_events_are_acknowledged_and_visible_in_status(worker_context, settings, redis):
+    assert jobs.apply_event({"action": "PROJECT_UPDATED", "project": {"id": 3}}) == "ignored PROJECT_UPDATED"
+    assert jobs.apply_event({"action": "ANNOTATION_CREATED", "project": {"id": 3}}).startswith("rejected")
+    assert jobs.apply_event({"action": "ANNOTATION_CREATED"}).startswith("rejected")
+    status = collect(settings, redis, "test")
+    assert status["events_ignored"] == {"PROJECT_UPDATED": 1}
+    reasons = [e["reason"] for e in status["events_rejected"]]
+    assert "no annotation in the payload" in reasons and "no project id" in reasons
+
+
+def test_n_corrections_queue_one_finetune_and_further_triggers_fold(worker_context, settings, redis):
+    settings.finetune_every = 3
+    for i in range(1, 3):
+        jobs.apply_event(created(annotation_id=i, task_id=i))
+    train = Queue("train", connection=redis)
+    assert train.count == 0
+    jobs.apply_event(created(annotation_id=3, task_id=3))
+    assert train.count == 1
+    for i in range(4, 8):  # more corrections and a Start Training while the fine-tune waits
+        jobs.apply_event(created(annotation_id=i, task_id=i))
+    result = jobs.apply_event(reference_payload("webhook_start_training.json"))
+    assert result.startswith("fine-tune already queued")
+    assert train.count == 1
+    (job,) = train.jobs
+    assert job.func_name == "backend.jobs.finetune" and job.args == (3, "corrections")
+    assert int(CorrectionStore(redis).meta(3)["finetune_folded_triggers"]) == 5
+
+
+def test_a_finished_finetune_lets_the_next_trigger_queue_again(worker_context, settings, redis):
+    job_id, queued = request_finetune(redis, settings, 3, "start_training")
+    assert queued
+    Queue("train", connection=redis).fetch_job(job_id).delete()  # finished and cleaned up
+    _, queued_again = request_finetune(redis, settings, 3, "start_training")
+    assert not queued_again  # within the enqueue grace period the claim still holds
+    redis.set("xdls:project:3:finetune_job", f"{job_id}|0")  # an old claim whose job is gone
+    _, queued_again = request_finetune(redis, settings, 3, "start_training")
+    assert queued_again
+
+
+def test_start_training_from_the_older_train_call_stores_its_annotations(worker_context, redis):
+    event = {
+        "action": "START_TRAINING",
+        "project": {"id": 4, "label_config": "<View/>"},
+        "tasks": [{"id": 9, "data": {"image": "/x.png"}, "annotations": [created(90, 9)["annotation"]]}],
+    }
+    assert jobs.apply_event(event).startswith("fine-tune queued")
+    assert worker_context.store.get(4, 90).task_id == 9

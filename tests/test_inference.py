@@ -1,0 +1,108 @@
+"""ModelService: model versions per project, the time budget, and batching."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from backend.inference import ModelService
+from backend.label_config import ProjectSpec
+from backend.versions import VersionRegistry, project_id
+from tests.standin_ls import png
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="label" toName="image"><Label value="Car"/><Label value="Sky"/></PolygonLabels>
+</View>"""
+
+
+@pytest.fixture
+def service(settings):
+    service = ModelService(settings)
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def tasks(label_studio):
+    return [{"id": i, "data": {"image": label_studio.upload(f"inf-{i}.png", png(64, 48, seed=i))}} for i in range(4)]
+
+
+def test_project_ids_from_label_studio(monkeypatch):
+    assert project_id("3.1795397442") == 3 and project_id(12) == 12 and project_id(None) is None
+    with pytest.raises(ValueError):
+        project_id("three")
+
+
+def test_a_served_fine_tune_is_used_for_its_project_only(service, tasks):
+    spec = ProjectSpec.parse(CONFIG)
+    base = service.predict(tasks[:1], spec, project=3).predictions[0]
+    changed = {"sem_seg_head.predictor.class_embed": torch.randn(64, 64, generator=torch.Generator().manual_seed(1))}
+    version = service.registry.create(3, changed, parent="tiny", trained_on=5, metrics={"miou": 0.5})
+    service.registry.promote(version)
+
+    tuned = service.predict(tasks[:1], spec, project=3).predictions[0]
+    other = service.predict(tasks[:1], spec, project=4).predictions[0]
+    assert version.name == "tiny.p3.v1"
+    assert tuned.model_version == "tiny.p3.v1" and other.model_version == "tiny"
+    assert other.result == base.result and tuned.result != base.result
+    # Frozen tensors are shared with the base model, not copied.
+    tuned_model = service.predictor(version).model
+    assert tuned_model.backbone.patch_embed.proj.weight.data_ptr() == (
+        service.base_model.backbone.patch_embed.proj.weight.data_ptr()
+    )
+    assert torch.equal(tuned_model.decoder.class_embed, changed["sem_seg_head.predictor.class_embed"])
+
+
+def test_versions_are_listed_and_persist_across_registries(settings):
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    first = registry.create(5, {"x": torch.zeros(1)}, "tiny", 3, {})
+    second = registry.create(5, {"x": torch.ones(1)}, first.name, 7, {})
+    registry.promote(second)
+    again = VersionRegistry(settings.model_dir, settings.checkpoint)
+    assert [v.name for v in again.all(5)] == ["tiny", "tiny.p5.v1", "tiny.p5.v2"]
+    assert again.current(5).name == "tiny.p5.v2" and again.current(6).name == "tiny"
+    assert not list((settings.model_dir / "versions").glob(".staging-*"))
+
+
+def test_a_crash_while_writing_a_version_leaves_nothing(settings, monkeypatch):
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(OSError):
+        registry.create(5, {"x": torch.zeros(1)}, "tiny", 3, {})
+    assert registry.all(5) == [registry.base]
+    assert list((settings.model_dir / "versions").iterdir()) == []
+
+
+def test_the_time_budget_stops_before_tasks_that_cannot_finish(service, tasks):
+    """A fake clock: every reading is 10 s later than the previous, and the budget is 25 s."""
+    clock = itertools.count(start=0, step=10)
+    service.clock = lambda: next(clock)
+    outcome = service.predict(tasks, ProjectSpec.parse(CONFIG), project=3, deadline=25)
+    versions = [p.model_version for p in outcome.predictions]
+    assert versions[0] == "tiny" and "tiny/pending" in versions
+    assert outcome.unfinished == [i for i, v in enumerate(versions) if v == "tiny/pending"]
+    assert outcome.unfinished == list(range(outcome.unfinished[0], len(tasks)))  # a tail, in order
+
+
+def test_batches_give_the_same_results_as_single_images(settings, tasks):
+    spec = ProjectSpec.parse(CONFIG)
+    single = ModelService(settings)
+    batched = ModelService(settings.model_copy(update={"batch_size": 4}), model=single.base_model)
+    same_size = [tasks[0], tasks[0] | {"id": 9}]  # identical images: no extra padding in the batch
+    one = single.predict(same_size, spec, project=1).predictions
+    many = batched.predict(same_size, spec, project=1).predictions
+    # Equal up to float rounding (a batch of two takes other matmul paths than one image).
+    for a, b in zip(one, many, strict=True):
+        assert sorted(r["value"]["polygonlabels"][0] for r in a.result) == sorted(
+            r["value"]["polygonlabels"][0] for r in b.result
+        )
+        assert a.score == pytest.approx(b.score, abs=1e-3)
+    single.close()
+    batched.close()

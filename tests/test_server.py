@@ -1,0 +1,278 @@
+"""The ML backend HTTP contract, through the app, with a tiny random model and a stand-in Label Studio."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import SecretStr
+from rq import Queue
+
+from backend.brush import rle_to_mask
+from backend.label_config import ProjectSpec
+from backend.server import create_app
+from tests.conftest import reference_payload
+from tests.helpers import tiny_model
+from tests.standin_ls import png
+
+LABEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "label_config"
+
+
+def config(name: str) -> str:
+    return (LABEL_CONFIG_DIR / name).read_text()
+
+
+POLYGONS = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="label" toName="image">
+    <Label value="Car" predicted_values="car,automobile"/>
+    <Label value="Vehicle" alias="veh" hint="truck, bus"/>
+    <Label value="Sky"/>
+    <Label value="Road" stuff="true"/>
+  </PolygonLabels>
+</View>"""
+
+
+@pytest.fixture
+def client(settings, label_studio):
+    app = create_app(settings)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def image_url(label_studio) -> str:
+    return label_studio.upload("scene.png", png(96, 64))
+
+
+def predict(client, tasks, label_config=POLYGONS, project="3.1795397442", context=None, **kwargs):
+    payload = {"tasks": tasks, "project": project, "label_config": label_config, "params": {"context": context}}
+    return client.post("/predict", json=payload, **kwargs)
+
+
+def assert_polygon_region(region, labels, width=96, height=64):
+    assert region["type"] == "polygonlabels"
+    assert region["to_name"] == "image" and region["from_name"] == "label"
+    assert (region["original_width"], region["original_height"], region["image_rotation"]) == (width, height, 0)
+    assert 0.0 <= region["score"] <= 1.0 and isinstance(region["id"], str) and region["id"]
+    value = region["value"]
+    assert value["closed"] is True
+    assert len(value["points"]) >= 3
+    assert all(0.0 <= x <= 100.0 and 0.0 <= y <= 100.0 for x, y in value["points"])
+    assert value["points"][0] != value["points"][-1]
+    assert len(value["polygonlabels"]) == 1 and value["polygonlabels"][0] in labels
+
+
+# ----------------------------------------------------------------------------------------- health
+def test_health_and_root(client):
+    for route in ("/health", "/"):
+        body = client.get(route).json()
+        assert body["status"] == "UP" and body["model"] == "tiny" and body["device"] == "cpu"
+
+
+def test_setup_answers_the_model_version_for_the_reference_payload(client):
+    response = client.post("/setup", json=reference_payload("setup.json"))
+    assert response.status_code == 200
+    assert response.json() == {"model_version": "tiny"}
+
+
+def test_setup_refuses_configs_without_images_clearly(client):
+    payload = reference_payload("setup.json") | {"schema": '<View><Text name="t" value="$text"/></View>'}
+    response = client.post("/setup", json=payload)
+    assert response.status_code == 400
+    assert "<Image>" in response.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------- predict
+def test_reference_batch_payload_one_result_per_task_in_order(client, label_studio):
+    payload = reference_payload("predict_batch.json")
+    label_studio.files[payload["tasks"][0]["data"]["image"]] = (png(64, 48), "image/png")
+    response = client.post("/predict", json=payload)
+    assert response.status_code == 200
+    first, second = response.json()["results"]
+    assert first["model_version"] == "tiny" and first["result"]
+    for region in first["result"]:
+        assert_polygon_region(region, {"Car", "Sky"}, 64, 48)
+    # The second task's image is on another local port: refused (SSRF guard), isolated from the first.
+    assert second == {"result": [], "score": 0.0, "model_version": "tiny/failed"}
+
+
+def test_panoptic_polygons_cover_the_image_with_the_configs_labels(client, image_url):
+    response = predict(client, [{"id": 1, "data": {"image": image_url}}])
+    (result,) = response.json()["results"]
+    labels = {"Car", "veh", "Sky", "Road"}  # the alias goes back to Label Studio
+    assert result["result"] and 0.0 <= result["score"] <= 1.0
+    for region in result["result"]:
+        assert_polygon_region(region, labels)
+    assert len({r["id"] for r in result["result"]}) == len(result["result"])
+
+
+def test_shipped_configs_give_their_kind_of_regions(client, label_studio, image_url):
+    for name, kind in [("panoptic_polygons.xml", "polygonlabels"), ("panoptic_brush.xml", "brushlabels")]:
+        label_config = config(name)
+        spec = ProjectSpec.parse(label_config)
+        allowed = {label.value for c in spec.images[0].controls for label in c.labels}
+        (result,) = predict(client, [{"id": 2, "data": {"image": image_url}}], label_config).json()["results"]
+        assert result["result"], name
+        for region in result["result"]:
+            assert region["type"] == kind and region["value"][kind][0] in allowed
+            if kind == "brushlabels":
+                assert region["value"]["format"] == "rle"
+                assert rle_to_mask(region["value"]["rle"], 64, 96).any()
+
+
+def test_referring_from_task_data_keeps_the_prompt_on_the_region(client, image_url):
+    label_config = config("referring_polygons.xml")
+    tasks = [{"id": 4, "data": {"image": image_url, "prompt": "the red box"}}]
+    (result,) = predict(client, tasks, label_config).json()["results"]
+    regions = result["result"]
+    assert regions, "a referring mask must come back as at least one polygon"
+    for region in regions:
+        assert region["value"]["polygonlabels"] == ["Referred object"]
+        assert region["meta"] == {"text": ["prompt: the red box"]}
+
+
+def test_interactive_context_prompt_returns_only_that_region(client, label_studio):
+    payload = copy.deepcopy(reference_payload("predict_interactive.json"))
+    label_studio.files[payload["tasks"][0]["data"]["image"]] = (png(64, 48), "image/png")
+    response = client.post("/predict", json=payload)
+    (result,) = response.json()["results"]
+    assert result["result"]
+    assert {r["value"]["polygonlabels"][0] for r in result["result"]} == {"Car"}  # "red car" names Car
+    assert all(r["meta"]["text"] == ["prompt: red car"] for r in result["result"])
+
+
+def test_broken_images_fail_alone(client, label_studio, image_url):
+    label_studio.files["/data/upload/1/not-image.png"] = (b"this is not an image", "image/png")
+    tasks = [
+        {"id": 10, "data": {"image": "/data/upload/1/missing.png"}},
+        {"id": 11, "data": {"image": image_url}},
+        {"id": 12, "data": {"image": "/data/upload/1/not-image.png"}},
+        {"id": 13, "data": {"image": "http://169.254.169.254/latest/meta-data"}},
+        {"id": 14, "data": {"image": "file:///etc/passwd"}},
+        {"id": 15, "data": {"other": "no image field"}},
+    ]
+    results = predict(client, tasks).json()["results"]
+    assert [r["model_version"] for r in results] == ["tiny/failed", "tiny"] + ["tiny/failed"] * 4
+    assert results[1]["result"] and not any(r["result"] for i, r in enumerate(results) if i != 1)
+
+
+def test_basic_auth_everywhere_but_webhook_and_health(settings, image_url):
+    settings = settings.model_copy(update={"basic_auth_user": "ls", "basic_auth_pass": SecretStr("s3cret")})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/").status_code == 401
+        assert client.post("/setup", json=reference_payload("setup.json")).status_code == 401
+        assert predict(client, []).status_code == 401
+        assert client.get("/versions").status_code == 401
+        assert predict(client, [], auth=("ls", "wrong")).status_code == 401
+        assert predict(client, [{"id": 1, "data": {"image": image_url}}], auth=("ls", "s3cret")).status_code == 200
+        assert client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"{}",
+        b'{"tasks": "nope"}',
+        b'{"tasks": [{"id": 1}]}',
+        b'{"tasks": [], "project": "abc"}',
+    ],
+)
+def test_malformed_predict_payloads_are_4xx(client, body):
+    response = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500
+
+
+def test_unsupported_config_at_predict_is_a_clear_400(client, image_url):
+    response = predict(client, [{"id": 1, "data": {"image": image_url}}], label_config="<View></View>")
+    assert response.status_code == 400 and "Image" in response.json()["error"]
+
+
+def test_versions_and_metrics(client, image_url):
+    assert client.get("/versions").json() == {"versions": ["tiny"]}
+    predict(client, [{"id": 1, "data": {"image": image_url}}])
+    text = client.get("/metrics").text
+    assert 'xdls_requests_total{route="/predict",status="200"}' in text
+    assert 'xdls_queue_jobs{queue="events"}' in text
+
+
+# --------------------------------------------------------------------------- webhook and hand-over
+def test_webhook_is_stored_in_redis_before_the_answer(client, redis):
+    payload = reference_payload("webhook_annotation_created.json")
+    response = client.post("/webhook", json=payload)
+    assert response.status_code == 200
+    job = Queue("events", connection=redis).fetch_job(response.json()["job"])
+    assert job is not None and job.func_name == "backend.jobs.apply_event"
+    assert job.args[0]["action"] == "ANNOTATION_CREATED" and job.args[0]["annotation"]["id"] == 1
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"project": {"id": 3}}', b'{"action": ""}', b"nonsense"])
+def test_malformed_webhooks_are_4xx_and_not_stored(client, redis, body):
+    response = client.post("/webhook", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500
+    assert Queue("events", connection=redis).count == 0
+
+
+def test_tasks_past_the_time_budget_go_to_the_workers(settings, redis, image_url):
+    settings = settings.model_copy(update={"predict_budget_s": 1e-6})
+    with TestClient(create_app(settings)) as client:
+        tasks = [{"id": i, "data": {"image": image_url}} for i in (21, 22, 23)]
+        results = predict(client, tasks).json()["results"]
+    # Nothing can finish in a microsecond: every task gets a placeholder that Label Studio will not
+    # mistake for a prediction of the current version, and all of them go to the predict queue.
+    assert [r["model_version"] for r in results] == ["tiny/pending"] * 3
+    (job,) = Queue("predict", connection=redis).jobs
+    project, handed, _config = job.args
+    assert project == 3 and [t["id"] for t in handed] == [21, 22, 23]
+
+
+def test_exif_orientation_sets_the_original_size(client, label_studio):
+    image = Image.new("RGB", (80, 40), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 40 wide, 80 high
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    url = label_studio.upload("rotated.jpg", buffer.getvalue(), "image/jpeg")
+    (result,) = predict(client, [{"id": 30, "data": {"image": url}}]).json()["results"]
+    assert result["result"]
+    assert {(r["original_width"], r["original_height"]) for r in result["result"]} == {(40, 80)}
+
+
+def test_model_loads_once_per_app(settings, monkeypatch):
+    import backend.inference as inference
+
+    loads = []
+    real = inference.load_model
+
+    def counting(*args, **kwargs):
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "load_model", counting)
+    with TestClient(create_app(settings)) as client:
+        for _ in range(3):
+            client.post("/setup", json=reference_payload("setup.json"))
+            client.get("/health")
+    assert len(loads) == 1
+
+
+def test_same_model_gives_same_results_as_the_predictor(client, image_url, label_studio):
+    """The server adds no model math: its regions come from the Predictor's panoptic segments."""
+    (result,) = predict(client, [{"id": 40, "data": {"image": image_url}}]).json()["results"]
+    from xdecoder import Predictor
+
+    predictor = Predictor(tiny_model(seed=11), short_side=64, object_mask_threshold=0.0, overlap_threshold=0.0)
+    image = np.asarray(Image.open(io.BytesIO(label_studio.files[image_url][0])).convert("RGB"))
+    expected = predictor.panoptic(image, ["Car", "veh", "Sky", "Road"], stuff={"Sky", "Road"},
+                                  synonyms={"Car": ["car", "automobile"], "veh": ["truck", "bus"]})  # fmt: skip
+    big = {s.label for s in expected.segments if s.area >= 64}
+    assert big and big <= {r["value"]["polygonlabels"][0] for r in result["result"]} <= {
+        s.label for s in expected.segments
+    }

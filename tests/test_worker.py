@@ -1,0 +1,137 @@
+"""Workers as separate processes against a real Redis: events, pre-annotation, crashes and restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Queue, Retry
+
+from backend import preannotate
+from backend.corrections import CorrectionStore
+from backend.progress import RunProgress
+from backend.queues import PREDICT, EmbeddedRedis, enqueue
+from backend.server import create_app
+from tests.conftest import reference_payload
+from tests.helpers import settings_env
+from tests.standin_ls import png
+
+PANOPTIC = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="label" toName="image">
+    <Label value="Car"/><Label value="Sky"/><Label value="Grass"/>
+  </PolygonLabels>
+</View>"""
+
+
+def start_worker(settings, queues: str, burst: bool = False) -> subprocess.Popen:
+    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "backend.cli", "worker", "--queues", queues]
+    return subprocess.Popen(command + (["--burst"] if burst else []), env=env)
+
+
+def run_burst(settings, queues: str, timeout: float = 120) -> None:
+    worker = start_worker(settings, queues, burst=True)
+    assert worker.wait(timeout=timeout) == 0
+
+
+def wait_until(condition, timeout: float = 120, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def project(label_studio):
+    """Project 7 with 6 tasks in the stand-in Label Studio."""
+    label_studio.add_project(7, PANOPTIC)
+    label_studio.tasks = {k: v for k, v in label_studio.tasks.items() if v["project"] != 7}
+    label_studio.predictions.clear()
+    ids = [label_studio.add_task(7, {"image": label_studio.upload(f"p7-{i}.png", png(64, 48, seed=i), project=7)})
+           for i in range(6)]  # fmt: skip
+    return ids
+
+
+def test_a_worker_applies_stored_webhooks(settings, redis):
+    with TestClient(create_app(settings)) as client:
+        for name in ("webhook_annotation_created.json", "webhook_start_training.json"):
+            assert client.post("/webhook", json=reference_payload(name)).status_code == 200
+    assert Queue("events", connection=redis).count == 2
+    run_burst(settings, "events")
+    assert CorrectionStore(redis).count(3) == 1
+    assert Queue("events", connection=redis).count == 0
+    assert Queue("train", connection=redis).count == 1  # Start Training queued a fine-tune
+
+
+def test_events_survive_a_redis_crash_between_acknowledge_and_processing(settings, tmp_path):
+    server = EmbeddedRedis(tmp_path / "own-redis")
+    url = server.ensure_running()
+    settings = settings.model_copy(update={"redis_url": url})
+    with TestClient(create_app(settings)) as client:
+        for i in range(5):
+            event = reference_payload("webhook_annotation_created.json")
+            event["annotation"]["id"] = 100 + i
+            assert client.post("/webhook", json=event).status_code == 200
+    Redis.from_url(url).shutdown(nosave=True)  # no snapshot: only the append-only file remains
+    wait_until(lambda: not server.running(), timeout=10)
+    server.ensure_running()
+    run_burst(settings, "events")
+    assert CorrectionStore(Redis.from_url(url)).count(3) == 5
+    server.stop()
+
+
+def test_preannotate_posts_each_prediction_once_and_resumes(settings, redis, label_studio, project):
+    first, second, *_ = project
+    label_studio.predictions.append({"id": 999, "task": second, "model_version": "tiny", "result": []})
+    label_studio.tasks[project[3]]["data"]["image"] = "/data/upload/7/missing.png"
+    run = preannotate.start(settings, redis, 7, chunk_size=2)
+    assert run.total == 6 and len(run.job_ids) == 3  # 5 to predict in chunks of 2
+    run_burst(settings, "predict")
+    snapshot = preannotate.watch(redis, run, poll_s=0.01)
+    assert (snapshot.done, snapshot.failed, snapshot.skipped) == (4, 1, 1)
+    for task in project:
+        versions = [p["model_version"] for p in label_studio.predictions_for(task)]
+        assert versions == ([] if task == project[3] else ["tiny"])  # the broken one gets no placeholder
+    posted = [p for p in label_studio.predictions_for(first)][0]
+    assert posted["result"] and posted["project"] == 7 and 0 <= posted["score"] <= 1
+
+    again = preannotate.start(settings, redis, 7, chunk_size=2)
+    run_burst(settings, "predict")
+    assert preannotate.watch(redis, again, poll_s=0.01).done == 0
+    assert all(len(label_studio.predictions_for(t)) <= 1 for t in project)
+
+
+def test_missing_mode_and_prompts_reach_the_tasks(settings, redis, label_studio, project):
+    label_studio.predictions.append({"id": 998, "task": project[0], "model_version": "older", "result": []})
+    run = preannotate.start(settings, redis, 7, which="missing")
+    assert run.total == 6 and RunProgress(redis, run.run_id).snapshot().skipped == 1
+
+
+def test_a_killed_worker_has_its_job_rerun_without_duplicate_predictions(settings, redis, label_studio, project):
+    settings = settings.model_copy(update={"worker_heartbeat_s": 1, "worker_maintenance_s": 1})
+    tasks = [{"id": t, "data": label_studio.tasks[t]["data"]} for t in project]
+    job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", 7, tasks, PANOPTIC, "kill-test", retry=Retry(max=2))
+    worker = start_worker(settings, "predict")
+    try:
+        wait_until(lambda: len(label_studio.predictions) >= 2)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        posted_before = len(label_studio.predictions)
+        assert posted_before < len(project), "the worker must die mid-job for this test to mean anything"
+        worker = start_worker(settings, "predict")
+        wait_until(lambda: all(label_studio.predictions_for(t) for t in project), timeout=180)
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+    for task in project:
+        assert [p["model_version"] for p in label_studio.predictions_for(task)] == ["tiny"]
+    assert job.get_status(refresh=True) in ("finished", "started")
