@@ -28,11 +28,11 @@ from .text import (
     BACKGROUND,
     CLASS_EMBEDDING_CACHE,
     ClassEmbeddingCache,
+    grounding_tokens,
     language_fingerprint,
     prompt_embeddings,
 )
 from .tokenizer import get_tokenizer
-from .transformer_decoder import GroundingTokens
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class Predictor:
             batch = model.prepare_images([torch.tensor(p.resized).permute(2, 0, 1) for p in prepared])
             with self._autocast():
                 features = model.encode_image(batch.pixels)
-                output = model.decode(features, class_embeddings, _grounding_tokens(prompt_data))
+                output = model.decode(features, class_embeddings, grounding_tokens(prompt_data))
             text_to_label = None
             if vocabulary is not None and vocabulary.has_synonyms:
                 text_to_label = torch.tensor(vocabulary.text_to_label, device=model.device)
@@ -349,22 +349,6 @@ def _per_image(prompts, num_images: int, single: bool) -> list[list[str]]:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompts must be non-empty strings, got {prompt!r}")
     return per_image
-
-
-def _grounding_tokens(prompt_data) -> GroundingTokens | None:
-    """Per-image concatenated prompt tokens, padded to a common length (padding is never attended)."""
-    if all(p is None for p in prompt_data):
-        return None
-    sequences = [p.concatenated() if p is not None else None for p in prompt_data]
-    reference = next(s for s in sequences if s is not None)
-    longest = max(len(s) for s in sequences if s is not None)
-    tokens = reference.new_zeros(len(sequences), longest, reference.shape[-1])
-    padding = torch.ones(len(sequences), longest, dtype=torch.bool, device=reference.device)
-    for i, seq in enumerate(sequences):
-        if seq is not None:
-            tokens[i, : len(seq)] = seq
-            padding[i, : len(seq)] = False
-    return GroundingTokens(tokens, padding if padding.any() else None)
 
 
 def _autocast_dtype(autocast: bool | torch.dtype | None, device: torch.device) -> torch.dtype | None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from .language import LanguageEncoder
 from .templates import PROMPT_TEMPLATES
 from .tokenizer import ClipTokenizer
+from .transformer_decoder import GroundingTokens
 
 BACKGROUND = "background"
 
@@ -103,6 +104,23 @@ def prompt_embeddings(encoder: LanguageEncoder, tokenizer: ClipTokenizer, prompt
     longest = int(lengths.max())
     tokens, pooled = encoder.encode(token_ids[:, :longest].to(encoder.lang_proj.device))
     return PromptEmbeddings([tokens[i, : int(n)] for i, n in enumerate(lengths)], pooled)
+
+
+def grounding_tokens(prompt_data: Sequence[PromptEmbeddings | None]) -> GroundingTokens | None:
+    """The decoder's grounding input for a batch: per image its prompts' tokens concatenated, padded to a
+    common length (padding is never attended); None when no image has prompts."""
+    if all(p is None for p in prompt_data):
+        return None
+    sequences = [p.concatenated() if p is not None else None for p in prompt_data]
+    reference = next(s for s in sequences if s is not None)
+    longest = max(len(s) for s in sequences if s is not None)
+    tokens = reference.new_zeros(len(sequences), longest, reference.shape[-1])
+    padding = torch.ones(len(sequences), longest, dtype=torch.bool, device=reference.device)
+    for i, seq in enumerate(sequences):
+        if seq is not None:
+            tokens[i, : len(seq)] = seq
+            padding[i, : len(seq)] = False
+    return GroundingTokens(tokens, padding if padding.any() else None)
 
 
 class ClassEmbeddingCache:
