@@ -94,9 +94,14 @@ class CorrectionStore:
             removed, _, _ = pipe.execute()
         return int(removed)
 
-    def exclude(self, project: int, annotation_id: int, reason: str) -> None:
-        """Keep a stored correction out of training (e.g. its image is gone), with the reason."""
-        self._exclude(project, annotation_id, reason)
+    def set_unusable(self, project: int, annotation_id: int, reason: str | None) -> None:
+        """Record why a fine-tune could not learn from a stored correction (its image is gone, its label was
+        renamed), or clear that record (reason None). The correction stays: the next fine-tune tries it again."""
+        key = self._key(project, "excluded")
+        if reason is None:
+            self.redis.hdel(key, annotation_id)
+        else:
+            self.redis.hset(key, annotation_id, json.dumps({"reason": reason, "at": time.time()}))
 
     def _exclude(self, project: int, annotation_id: int, reason: str) -> None:
         record = json.dumps({"reason": reason, "at": time.time()})

@@ -28,7 +28,7 @@ from xdecoder import Prediction, Predictor, XDecoderConfig, XDecoderModel, build
 from xdecoder.checkpoint import load_state_dict_strict
 
 from .images import ImageFetcher, ImageFetchError
-from .label_config import ControlSpec, ImageSpec, ProjectSpec, Prompt
+from .label_config import ControlSpec, ImageSpec, PanopticVocabulary, ProjectSpec, Prompt
 from .polygons import PolygonOptions
 from .results import ReferringRegion, RegionIds, image_regions, task_score
 from .settings import Settings
@@ -66,14 +66,8 @@ class _ImageWork:
     task_index: int
     spec: ImageSpec
     controls: list[ControlSpec]
-    labels: tuple[str, ...]
-    stuff: frozenset[str]
-    synonyms: dict[str, tuple[str, ...]]
+    vocabulary: PanopticVocabulary
     prompts: list[Prompt]
-
-    @property
-    def vocabulary_key(self) -> tuple:
-        return self.labels, self.stuff, tuple(sorted(self.synonyms.items()))
 
 
 def load_base_model(settings: Settings) -> XDecoderModel:
@@ -205,19 +199,9 @@ class ModelService:
             prompts = image.prompts(data, context)
             interactive = [p for p in prompts if p.source == "context"]
             controls = self._chosen_controls(image)
-            labels: list[str] = []
-            stuff, synonyms = set(), {}
-            if not interactive:  # an annotator's prompt asks for that region only, not for a full pre-fill
-                for control in controls:
-                    for label in control.panoptic_labels:
-                        if label.value not in labels:
-                            labels.append(label.value)
-                            synonyms[label.value] = label.texts
-                            if label.stuff:
-                                stuff.add(label.value)
-            works.append(
-                _ImageWork(index, image, controls, tuple(labels), frozenset(stuff), synonyms, interactive or prompts)
-            )
+            # An annotator's prompt asks for that region only, not for a full pre-fill.
+            vocabulary = PanopticVocabulary.of([] if interactive else controls)
+            works.append(_ImageWork(index, image, controls, vocabulary, interactive or prompts))
         return works
 
     def _chosen_controls(self, image: ImageSpec) -> list[ControlSpec]:
@@ -248,15 +232,15 @@ class ModelService:
                 task_id = tasks[work.task_index].get("id")
                 logger.error("task %s: no prediction, image unavailable (%s): %s", task_id, error.reason, error)
                 progress.failed[work.task_index] = error.reason
-        asks = [(w, img) for w, img in ready if w.labels or w.prompts]
+        asks = [(w, img) for w, img in ready if w.vocabulary.labels or w.prompts]
         if asks:
-            first = asks[0][0]
+            vocabulary = asks[0][0].vocabulary
             with self._inference:
                 predictions = predictor.predict(
                     [img for _, img in asks],
-                    labels=first.labels,
-                    stuff=first.stuff,
-                    synonyms=first.synonyms,
+                    labels=vocabulary.labels,
+                    stuff=vocabulary.stuff,
+                    synonyms=vocabulary.synonyms,
                     prompts=[[p.text for p in w.prompts] for w, _ in asks],
                 )
         else:
@@ -291,7 +275,7 @@ def _same_vocabulary(batch):
     """Split a batch into runs of consecutive images asking for the same labels."""
     groups: list[list] = []
     for item in batch:
-        if groups and groups[-1][0][0].vocabulary_key == item[0].vocabulary_key:
+        if groups and groups[-1][0][0].vocabulary == item[0].vocabulary:
             groups[-1].append(item)
         else:
             groups.append([item])

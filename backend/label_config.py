@@ -163,6 +163,29 @@ class ControlSpec:
 
 
 @dataclass(frozen=True)
+class PanopticVocabulary:
+    """What the panoptic head is asked for on one image: labels in config order, the stuff among them, and the
+    texts X-Decoder reads for each (the arguments of `xdecoder.Predictor.panoptic`)."""
+
+    labels: tuple[str, ...]
+    stuff: frozenset[str]
+    synonyms: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def of(cls, controls: Iterable[ControlSpec]) -> PanopticVocabulary:
+        """The panoptic labels of `controls`; a value shared by several controls is asked for once."""
+        labels: dict[str, LabelSpec] = {}
+        for control in controls:
+            for label in control.panoptic_labels:
+                labels.setdefault(label.value, label)
+        return cls(
+            labels=tuple(labels),
+            stuff=frozenset(value for value, label in labels.items() if label.stuff),
+            synonyms={value: label.texts for value, label in labels.items()},
+        )
+
+
+@dataclass(frozen=True)
 class PromptSpec:
     """One <TextArea> attached to an image: it holds referring prompts, typed by the annotator or from task data."""
 

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     finetune_epochs: int = env("XDECODER_FINETUNE_EPOCHS", 4, ge=1, description="passes over the corrections")
     finetune_min_steps: int = env("XDECODER_FINETUNE_MIN_STEPS", 20, ge=1)
     finetune_max_steps: int = env("XDECODER_FINETUNE_MAX_STEPS", 400, ge=1)
+    finetune_min_gain: float = env(
+        "XDECODER_FINETUNE_MIN_GAIN",
+        0.005,
+        ge=-1.0,
+        le=1.0,
+        description="held-out mean IoU a fine-tuned version must gain over the served one to be served",
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

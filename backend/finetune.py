@@ -1,0 +1,255 @@
+"""The fine-tune job: from a project's corrections to a new model version, served only if better.
+
+Steps: turn the stored corrections into (image, target masks) examples (a correction that cannot be used is
+skipped, with the reason visible in `xdecoder-ls status`); hold about a fifth out for evaluation; train the
+pixel decoder and the decoder (backbone and text encoder frozen) starting from the version the project serves
+now; score old and new on the held-out examples; store the new version and serve it only if it gains at least
+`XDECODER_FINETUNE_MIN_GAIN` mean IoU. Versions are written atomically (versions.py): a crash at any step leaves
+the served model as it was and no half-written version behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from xdecoder import Predictor, Vocabulary, XDecoderModel, build_model
+from xdecoder.checkpoint import load_state_dict_strict
+from xdecoder.training import FineTuner, SegmentationTarget, mask_iou_score, trainable_parameters
+
+from .brush import polygon_to_mask, rle_to_mask
+from .corrections import Correction, CorrectionStore
+from .images import ImageFetchError
+from .label_config import ImageSpec, LabelConfigError, PanopticVocabulary, ProjectSpec
+from .learning import release_claim
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_SHARE = 5  # one correction in this many is held out for evaluation
+LOGGED_UPDATES = 20  # progress lines per fine-tune
+
+
+@dataclass
+class Example:
+    annotation_id: int
+    image: np.ndarray  # [H, W, 3] uint8, original size
+    target: SegmentationTarget  # masks [T, H, W] at the original size, label indices into the vocabulary
+
+
+class Unusable(Exception):
+    """A stored correction a fine-tune cannot learn from; the message says why."""
+
+
+# ------------------------------------------------------------------------------------- the job
+def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
+    """Fine-tune `project`'s served version on its corrections (`ctx` is a jobs.WorkerContext). Returns the
+    summary also kept in the store for `xdecoder-ls status`: status served / rejected / skipped, and figures."""
+    store: CorrectionStore = ctx.store
+    started = time.time()
+    changes = store.start_training_round(project)
+    store.record_finetune(project, status="running", started_at=started, reason=reason, progress="preparing")
+    try:
+        summary = _finetune(ctx, project, store) | {"changes": changes, "reason": reason}
+    except Exception as error:
+        store.record_finetune(
+            project, status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time()
+        )
+        raise
+    finally:
+        release_claim(ctx.redis, project)
+    store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
+    logger.info("project %s fine-tune finished in %.0f s: %s", project, time.time() - started, summary)
+    return summary
+
+
+def _finetune(ctx, project: int, store: CorrectionStore) -> dict[str, Any]:
+    settings, service = ctx.settings, ctx.service
+    try:
+        spec = ProjectSpec.parse(store.label_config(project))
+    except LabelConfigError as error:
+        return {"status": "skipped", "detail": f"no usable label config: {error}"}
+    vocabulary = PanopticVocabulary.of(control for image in spec.images for control in image.controls)
+    if not vocabulary.labels:
+        return {"status": "skipped", "detail": "the label config has no panoptic labels to learn"}
+    examples = build_examples(ctx, project, spec, vocabulary)
+    if not examples:
+        return {"status": "skipped", "detail": "no usable corrections (see the excluded ones in status)"}
+    train, held_out = split_examples(examples)
+
+    parent = service.current_version(project)
+    served = service.predictor(parent)
+    model = trainable_copy(served.model)
+    texts = Vocabulary.build(vocabulary.labels, vocabulary.stuff, vocabulary.synonyms)
+    class_embeddings = served.class_embeddings(list(texts.texts))
+    tuner = FineTuner(model, text_to_label=torch.tensor(texts.text_to_label))
+    steps = min(settings.finetune_max_steps, max(settings.finetune_min_steps, settings.finetune_epochs * len(train)))
+    order = random.Random(project)
+    losses: list[float] = []
+    for step in range(steps):
+        image, target = model_input(train[order.randrange(len(train))], served)
+        losses.append(tuner.step([image], [target], class_embeddings)["loss"])
+        if (step + 1) % max(1, steps // LOGGED_UPDATES) == 0 or step + 1 == steps:
+            recent = float(np.mean(losses[-10:]))
+            store.record_finetune(project, progress=f"{step + 1}/{steps}", loss=f"{recent:.4f}")
+            logger.info("project %s fine-tune step %d/%d, loss %.4f", project, step + 1, steps, recent)
+
+    store.record_finetune(project, progress="evaluating")
+    before = evaluate(served, held_out, vocabulary)
+    after = evaluate(predictor_like(served, model), held_out, vocabulary)
+    metrics = {"parent_miou": before, "miou": after, "held_out": len(held_out), "train": len(train), "steps": steps}
+    version = service.registry.create(project, tuner.trained_state(), parent.name, len(examples), metrics)
+    if after >= before + settings.finetune_min_gain:
+        service.registry.promote(version)
+    else:
+        service.registry.reject(version)
+    return {
+        "status": version.status,
+        "version": version.name,
+        "parent": parent.name,
+        "miou": round(after, 4),
+        "parent_miou": round(before, 4),
+        "examples": len(examples),
+        "held_out": len(held_out),
+        "steps": steps,
+    }
+
+
+# -------------------------------------------------------------------------------- examples
+def build_examples(ctx, project: int, spec: ProjectSpec, vocabulary: PanopticVocabulary) -> list[Example]:
+    """Examples from the stored corrections; the reason a correction cannot be used is recorded in the store."""
+    store: CorrectionStore = ctx.store
+    examples = []
+    for correction in store.all(project):
+        try:
+            examples += examples_from(correction, spec, vocabulary, ctx.service.fetcher.fetch)
+        except Unusable as error:
+            logger.warning("project %s: annotation %s not used: %s", project, correction.annotation_id, error)
+            store.set_unusable(project, correction.annotation_id, str(error))
+        else:
+            store.set_unusable(project, correction.annotation_id, None)
+    return examples
+
+
+def examples_from(correction: Correction, spec: ProjectSpec, vocabulary: PanopticVocabulary, fetch) -> list[Example]:
+    """One example per segmented image of the correction's task. fetch(url, task_id) -> PIL image."""
+    found = []
+    for image in spec.images:
+        regions = [r for r in correction.result if r.get("to_name") == image.name]
+        if not regions:
+            continue
+        url = correction.data.get(image.data_key)
+        if not url:
+            raise Unusable(f"task {correction.task_id} has no image in field '{image.data_key}'")
+        try:
+            rgb = np.asarray(fetch(str(url), correction.task_id).convert("RGB"))
+        except ImageFetchError as error:
+            raise Unusable(f"image unavailable ({error.reason}): {error}") from error
+        found.append(Example(correction.annotation_id, rgb, regions_to_target(regions, image, vocabulary, rgb.shape)))
+    if not found:
+        raise Unusable("no polygon or brush regions on a segmented image")
+    return found
+
+
+def regions_to_target(
+    regions: list[dict], image: ImageSpec, vocabulary: PanopticVocabulary, shape: tuple[int, ...]
+) -> SegmentationTarget:
+    """Label Studio result regions -> one mask per thing region, one merged mask per stuff label.
+
+    Regions of labels outside the panoptic vocabulary (referring-only labels) are left out; a region whose
+    label the config no longer has makes the whole correction unusable (its other regions may be wrong too).
+    """
+    height, width = shape[:2]
+    controls = {control.name: control for control in image.controls}
+    masks: list[np.ndarray] = []
+    classes: list[int] = []
+    stuff_mask_index: dict[int, int] = {}
+    for region in regions:
+        kind = region.get("type")
+        control = controls.get(region.get("from_name"))
+        if control is None or kind not in ("polygonlabels", "brushlabels"):
+            continue
+        value = region.get("value") or {}
+        for name in value.get(kind) or []:
+            if control.label(name) is None:
+                raise Unusable(f"label config changed: '{name}' is no longer a label of '{control.name}'")
+            if name not in vocabulary.labels:
+                continue
+            if kind == "polygonlabels":
+                mask = polygon_to_mask(value.get("points") or [], width, height)
+            else:
+                mask = rle_to_mask(value.get("rle") or [], height, width)
+            if not mask.any():
+                continue
+            index = vocabulary.labels.index(name)
+            if name in vocabulary.stuff and index in stuff_mask_index:
+                masks[stuff_mask_index[index]] |= mask
+                continue
+            if name in vocabulary.stuff:
+                stuff_mask_index[index] = len(masks)
+            masks.append(mask)
+            classes.append(index)
+    if not masks:
+        raise Unusable("no region carries a label of the panoptic vocabulary")
+    return SegmentationTarget(torch.tensor(classes), torch.from_numpy(np.stack(masks)))
+
+
+def split_examples(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, held out): about one in HELD_OUT_SHARE by annotation id, the same in every run; with too few
+    examples to split, both are all of them (the score then measures fit, which still catches a broken run)."""
+    held_out = [e for e in examples if _stable_hash(e.annotation_id) % HELD_OUT_SHARE == 0]
+    train = [e for e in examples if _stable_hash(e.annotation_id) % HELD_OUT_SHARE != 0]
+    if len(held_out) < 2 or len(train) < 2:
+        return examples, examples
+    return train, held_out
+
+
+def _stable_hash(annotation_id: int) -> int:
+    return int(hashlib.sha1(str(annotation_id).encode()).hexdigest(), 16)
+
+
+def model_input(example: Example, predictor: Predictor) -> tuple[torch.Tensor, SegmentationTarget]:
+    """Image [3, h, w] uint8 and masks [T, h, w] bool at the size the predictor feeds the model."""
+    image = predictor.resize_policy.resize(example.image)
+    height, width = image.shape[:2]
+    masks = example.target.masks[:, None].float()
+    masks = torch.nn.functional.interpolate(masks, size=(height, width), mode="nearest")[:, 0] > 0.5
+    return torch.from_numpy(image.copy()).permute(2, 0, 1), SegmentationTarget(example.target.labels, masks)
+
+
+# ------------------------------------------------------------------------------------ models
+def trainable_copy(served: XDecoderModel) -> XDecoderModel:
+    """A model of its own with the served weights: the tensors training changes are copies, the frozen ones
+    (backbone, text encoder) are shared with the served model, which training never writes."""
+    trainable = set(trainable_parameters(served))
+    state = {k: v.clone() if k in trainable else v for k, v in served.state_dict().items()}
+    with torch.device("meta"):
+        model = build_model(served.config)
+    load_state_dict_strict(model, state)
+    model.reset_constants()
+    return model.to(served.device)
+
+
+def predictor_like(template: Predictor, model: XDecoderModel) -> Predictor:
+    return Predictor(
+        model,
+        short_side=template.resize_policy.short_side,
+        max_long_side=template.resize_policy.max_long_side,
+        object_mask_threshold=template.object_mask_threshold,
+        overlap_threshold=template.overlap_threshold,
+    )
+
+
+def evaluate(predictor: Predictor, examples: list[Example], vocabulary: PanopticVocabulary) -> float:
+    """Mean over examples of `mask_iou_score` (per target mask, the best IoU of a same-label segment)."""
+    scores = []
+    for example in examples:
+        result = predictor.panoptic(example.image, vocabulary.labels, vocabulary.stuff, vocabulary.synonyms)
+        scores.append(mask_iou_score(result, example.target, vocabulary.labels))
+    return float(np.mean(scores))

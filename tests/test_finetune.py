@@ -1,0 +1,183 @@
+"""The fine-tune job end to end on the tiny model: stored corrections (real Redis) with images from the stand-in
+Label Studio -> a new version, served only if it does better; unusable corrections recorded; crashes leave nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from label_studio_sdk.converter.brush import mask2rle
+
+from backend import jobs
+from backend.finetune import Unusable, regions_to_target
+from backend.label_config import PanopticVocabulary, ProjectSpec
+from backend.learning import request_finetune
+from backend.status import collect
+from tests.standin_ls import png
+from xdecoder.training import FineTuner
+
+PROJECT = 5
+CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="label" toName="image">
+    <Label value="Sky" stuff="true"/>
+    <Label value="Ground" stuff="true"/>
+    <Label value="Box"/>
+    <Label value="Thing I describe" prompt="the red box"/>
+  </PolygonLabels>
+  <BrushLabels name="brush" toName="image">
+    <Label value="Box"/>
+  </BrushLabels>
+</View>
+"""
+
+
+def polygon(label: str, points: list[list[float]], control: str = "label") -> dict:
+    return {
+        "from_name": control,
+        "to_name": "image",
+        "type": "polygonlabels",
+        "value": {"points": points, "closed": True, "polygonlabels": [label]},
+    }
+
+
+def scene_regions(label_of_box: str = "Box") -> list[dict]:
+    """The stand-in's png(): sky over ground, a red box at rows 1/3..2/3, columns 1/4..1/2."""
+    return [
+        polygon("Sky", [[0, 0], [100, 0], [100, 50], [0, 50]]),
+        polygon("Ground", [[0, 50], [100, 50], [100, 100], [0, 100]]),
+        polygon(label_of_box, [[25, 33.3], [50, 33.3], [50, 66.7], [25, 66.7]]),
+    ]
+
+
+@pytest.fixture
+def worker_context(settings, redis):
+    tuned = settings.model_copy(update={"finetune_min_steps": 3, "finetune_max_steps": 3})
+    context = jobs.WorkerContext(tuned, redis)
+    jobs.set_context(context)
+    yield context
+    jobs.set_context(None)
+
+
+def store_correction(context, label_studio, annotation_id: int, regions: list[dict], image: str | None = None) -> None:
+    image = image or label_studio.upload(f"scene-{annotation_id}.png", png(seed=annotation_id), project=PROJECT)
+    annotation = {"id": annotation_id, "result": regions, "updated_at": f"2026-11-23T0{annotation_id % 10}:00:00Z"}
+    context.store.upsert(PROJECT, annotation, {"id": 100 + annotation_id, "data": {"image": image}}, CONFIG)
+
+
+def set_min_gain(context, gain: float) -> None:
+    context.settings = context.settings.model_copy(update={"finetune_min_gain": gain})
+
+
+def test_a_fine_tune_that_does_better_is_stored_and_served(worker_context, label_studio):
+    for annotation_id in range(1, 7):
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    store_correction(worker_context, label_studio, 7, scene_regions(), image=f"/data/upload/{PROJECT}/gone.png")
+    store_correction(worker_context, label_studio, 8, scene_regions(label_of_box="Tree"))
+    set_min_gain(worker_context, -1.0)  # any result counts as better: this test is about what serving does
+    base = worker_context.service.current_version(PROJECT)
+
+    summary = jobs.finetune(PROJECT, "start_training")
+
+    assert summary["status"] == "served" and summary["examples"] == 6 and summary["steps"] == 3
+    assert summary["parent"] == base.name and summary["reason"] == "start_training"
+    assert 0.0 <= summary["miou"] <= 1.0 and 0.0 <= summary["parent_miou"] <= 1.0
+    registry = worker_context.service.registry
+    served = worker_context.service.current_version(PROJECT)
+    assert served.name == summary["version"] != base.name
+    assert registry.get(served.name).status == "served" and served.metrics["train"] + served.metrics["held_out"] >= 6
+    assert worker_context.service.current_version(PROJECT + 1).name == base.name  # other projects keep the base
+
+    # The served version's decoder differs from the base; its backbone is the base's, shared.
+    tuned_model = worker_context.service.predictor(served).model
+    base_model = worker_context.service.predictor(base).model
+    assert tuned_model is not base_model
+    assert not torch.equal(tuned_model.state_dict()["sem_seg_head.predictor.query_feat.weight"],
+                           base_model.state_dict()["sem_seg_head.predictor.query_feat.weight"])  # fmt: skip
+    backbone_key = next(k for k in base_model.state_dict() if k.startswith("backbone."))
+    assert tuned_model.state_dict()[backbone_key].data_ptr() == base_model.state_dict()[backbone_key].data_ptr()
+
+    excluded = worker_context.store.excluded(PROJECT)
+    assert set(excluded) == {7, 8}
+    assert "image unavailable" in excluded[7]["reason"] and "'Tree' is no longer a label" in excluded[8]["reason"]
+    assert worker_context.store.count(PROJECT) == 8  # kept: a later fine-tune tries them again
+    shown = collect(worker_context.settings, worker_context.redis, "test")["projects"][str(PROJECT)]
+    assert sorted(shown["excluded"]) == ["7", "8"] and shown["last_finetune"]["version"] == served.name
+    meta = worker_context.store.meta(PROJECT)
+    assert meta["finetune_status"] == "served" and meta["finetune_progress"] == "done"
+
+
+def test_a_fine_tune_that_does_not_gain_enough_is_kept_but_not_served(worker_context, label_studio):
+    for annotation_id in range(1, 4):
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    set_min_gain(worker_context, 1.0)  # no fine-tune can gain a whole IoU point
+
+    summary = jobs.finetune(PROJECT, "nightly")
+
+    assert summary["status"] == "rejected"
+    registry = worker_context.service.registry
+    assert registry.get(summary["version"]).status == "rejected"
+    assert worker_context.service.current_version(PROJECT).is_base
+
+
+def test_a_crash_during_training_leaves_no_version_and_frees_the_project(worker_context, label_studio, monkeypatch):
+    for annotation_id in range(1, 4):
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    job_id, queued = request_finetune(worker_context.redis, worker_context.settings, PROJECT, "start_training")
+    assert queued
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(FineTuner, "step", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        jobs.finetune(PROJECT, "start_training")
+
+    registry = worker_context.service.registry
+    assert [v.name for v in registry.all(PROJECT)] == [registry.base.name]
+    assert not any(p.name.startswith(".staging") for p in (registry.root / "versions").iterdir())
+    assert worker_context.service.current_version(PROJECT).is_base
+    meta = worker_context.store.meta(PROJECT)
+    assert meta["finetune_status"] == "failed" and "simulated" in meta["finetune_error"]
+    _, queued_again = request_finetune(worker_context.redis, worker_context.settings, PROJECT, "start_training")
+    assert queued_again  # the claim was released: the next trigger queues a new fine-tune
+
+
+def test_a_project_without_usable_corrections_is_skipped(worker_context, label_studio):
+    store_correction(worker_context, label_studio, 1, scene_regions(label_of_box="Tree"))
+    summary = jobs.finetune(PROJECT, "command")
+    assert summary["status"] == "skipped" and "no usable corrections" in summary["detail"]
+    assert [v.name for v in worker_context.service.registry.all(PROJECT)] == [worker_context.service.registry.base.name]
+
+
+def test_regions_become_one_mask_per_thing_and_one_per_stuff_label():
+    image = ProjectSpec.parse(CONFIG).images[0]
+    vocabulary = PanopticVocabulary.of(image.controls)
+    assert vocabulary.labels == ("Sky", "Ground", "Box")  # the prompt-only label is not panoptic
+    brush_box = np.zeros((10, 20), np.uint8)
+    brush_box[6:9, 15:19] = 255
+    regions = [
+        polygon("Sky", [[0, 0], [50, 0], [50, 50], [0, 50]]),
+        polygon("Sky", [[50, 0], [100, 0], [100, 50], [50, 50]]),  # a second Sky region merges into the first
+        polygon("Box", [[0, 50], [50, 50], [50, 100], [0, 100]]),
+        {
+            "from_name": "brush",
+            "to_name": "image",
+            "type": "brushlabels",
+            "value": {"format": "rle", "rle": mask2rle(brush_box), "brushlabels": ["Box"]},
+        },  # fmt: skip
+        polygon("Thing I describe", [[60, 60], [90, 60], [90, 90]]),  # referring-only: not a panoptic target
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["x"]}},
+    ]
+    target = regions_to_target(regions, image, vocabulary, (10, 20, 3))
+    assert target.labels.tolist() == [0, 2, 2]
+    masks = target.masks.numpy()
+    assert masks[0].sum() == 100 and masks[0][:5].all()  # both Sky halves, the top 5 rows
+    assert masks[1][5:, :10].all() and masks[1].sum() == 50
+    assert np.array_equal(masks[2], brush_box > 0)
+
+    with pytest.raises(Unusable, match="'Tree' is no longer a label"):
+        regions_to_target([polygon("Tree", [[0, 0], [10, 0], [10, 10]])], image, vocabulary, (10, 20, 3))
+    with pytest.raises(Unusable, match="no region carries"):
+        regions_to_target(regions[4:], image, vocabulary, (10, 20, 3))
