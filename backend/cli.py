@@ -30,6 +30,7 @@ from rich.console import Console  # noqa: E402
 from .settings import Settings, get_settings  # noqa: E402
 
 console = Console()
+errors = Console(stderr=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         "status": _status,
         "bench": _bench,
     }[args.command]
-    return handler(settings, args) or 0
+    try:
+        return handler(settings, args) or 0
+    except (ValueError, LookupError, FileNotFoundError, RuntimeError) as error:  # configuration and input problems
+        errors.print(f"[red]error:[/] {error}", highlight=False)
+        return 2
 
 
 def _serve(settings: Settings, args) -> int:
@@ -135,14 +140,13 @@ def _finetune(settings: Settings, args) -> int:
     store = CorrectionStore(redis)
     shown = None
     with console.status("waiting for a train worker") as spinner:
-        while Job.fetch(job_id, connection=redis).get_status() in LIVE_JOB_STATES:
+        while (state := Job.fetch(job_id, connection=redis).get_status()) in LIVE_JOB_STATES:
             meta = store.meta(args.project)
-            line = " ".join(
-                (
-                    meta.get("finetune_status", "queued"),
-                    meta.get("finetune_progress", ""),
-                    meta.get("finetune_loss", ""),
-                )
+            # Until a worker starts the job, the meta still describes the previous fine-tune.
+            line = (
+                f"{state}: waiting for a train worker"
+                if state != "started"
+                else " ".join(meta.get(f"finetune_{k}", "") for k in ("status", "progress", "loss"))
             )
             if line != shown:
                 spinner.update(line)

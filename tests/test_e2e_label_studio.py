@@ -83,6 +83,7 @@ def label_studio_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(label_studio_url, tmp_path_factory, tiny_checkpoint):
+    from backend.queues import EmbeddedRedis
     from backend.settings import Settings
 
     folder = tmp_path_factory.mktemp("xdls")
@@ -107,6 +108,7 @@ def backend(label_studio_url, tmp_path_factory, tiny_checkpoint):
     finally:
         server.terminate()
         server.wait(timeout=30)
+        EmbeddedRedis(folder / "redis").stop()  # the server started it as a daemon
 
 
 def api(label_studio_url: str) -> httpx.Client:

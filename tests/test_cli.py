@@ -1,0 +1,87 @@
+"""The `xdecoder-ls` commands, run as a user runs them (environment configuration, real Redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rq import Queue
+
+from backend.versions import VersionRegistry
+from tests.helpers import settings_env
+from tests.standin_ls import png
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """<View><Image name="image" value="$image"/>
+<PolygonLabels name="label" toName="image"><Label value="Car"/></PolygonLabels>
+<TextArea name="prompt" toName="image"/></View>"""
+
+
+def run(settings, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True)
+
+
+def test_help_lists_every_command(settings):
+    result = run(settings, "--help")
+    assert result.returncode == 0
+    for command in ("serve", "worker", "preannotate", "finetune", "versions", "status", "bench"):
+        assert command in result.stdout
+
+
+def test_status_json_describes_redis_queues_and_projects(settings, redis):
+    redis.sadd("xdls:projects", 3)
+    result = run(settings, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["redis"] == settings.redis_url
+    assert set(status["queues"]) == {"events", "predict", "train"}
+    assert status["projects"]["3"]["model_version"] == "tiny"
+    assert status["finetune_every"] == 50 and status["finetune_cron"] == "0 2 * * *"
+    assert "Queues" in run(settings, "status").stdout  # the table form
+
+
+def test_versions_lists_and_serves(settings):
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    version = registry.create(3, {"x": torch.zeros(1)}, "tiny", 4, {"miou": 0.7}, status="rejected")
+    listed = json.loads(run(settings, "versions", "--json").stdout)
+    assert [(v["name"], v["served"]) for v in listed] == [("tiny", True), ("tiny.p3.v1", False)]
+    assert run(settings, "versions", "--serve", version.name).returncode == 0
+    assert registry.current(3).name == "tiny.p3.v1"
+
+
+def test_preannotate_detached_enqueues_chunks_with_prompts(settings, redis, label_studio):
+    label_studio.add_project(11, CONFIG)
+    for i in range(3):
+        label_studio.add_task(11, {"image": label_studio.upload(f"c{i}.png", png(32, 32, seed=i), project=11)})
+    result = run(settings, "preannotate", "--project", "11", "--prompt", "a red car", "--detach")
+    assert result.returncode == 0, result.stderr
+    assert "3 tasks" in result.stdout
+    (job,) = Queue("predict", connection=redis).jobs
+    project, tasks, _config, _run = job.args
+    assert project == 11 and [t["data"]["prompt"] for t in tasks] == [["a red car"]] * 3
+
+
+def test_preannotate_refuses_prompts_without_a_textarea(settings, redis, label_studio):
+    label_studio.add_project(12, CONFIG.replace('<TextArea name="prompt" toName="image"/>', ""))
+    result = run(settings, "preannotate", "--project", "12", "--prompt", "x", "--detach")
+    assert result.returncode != 0 and "TextArea" in result.stderr
+
+
+def test_finetune_detached_queues_one_job(settings, redis):
+    first = run(settings, "finetune", "--project", "3", "--detach")
+    second = run(settings, "finetune", "--project", "3", "--detach")
+    assert "queued" in first.stdout and "already queued or running" in second.stdout
+    assert Queue("train", connection=redis).count == 1
+
+
+@pytest.mark.parametrize("bad", [["worker", "--queues", "nope", "--burst"], ["preannotate"]])
+def test_bad_arguments_fail_clearly(settings, bad):
+    result = run(settings, *bad)
+    assert result.returncode != 0
+    assert "nope" in result.stderr or "--project" in result.stderr
