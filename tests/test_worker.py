@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
+from rq.scheduler import RQScheduler
 
 from backend import preannotate
 from backend.corrections import CorrectionStore
@@ -135,3 +136,28 @@ def test_a_killed_worker_has_its_job_rerun_without_duplicate_predictions(setting
     for task in project:
         assert [p["model_version"] for p in label_studio.predictions_for(task)] == ["tiny"]
     assert job.get_status(refresh=True) in ("finished", "started")
+
+
+def test_a_job_queued_after_a_worker_was_killed_idle_runs_at_once(settings, redis, label_studio, project):
+    # Maintenance far away: only a worker that Redis knows is gone lets the next job through quickly.
+    settings = settings.model_copy(update={"worker_maintenance_s": 600})
+    # The worker that wins the scheduler lock forks RQ's scheduler: that is the one to kill.
+    killed = start_worker(settings, "predict")
+    survivor = None
+    try:
+        wait_until(lambda: redis.exists(RQScheduler.get_locking_key(PREDICT)), timeout=60)
+        survivor = start_worker(settings, "predict")
+        wait_until(lambda: len(Worker.all(connection=redis)) == 2)
+        time.sleep(1)  # both blocked waiting for jobs
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=10)
+        time.sleep(0.5)
+        tasks = [{"id": t, "data": label_studio.tasks[t]["data"]} for t in project]
+        for task in tasks:  # one job per task: any of them could go to the dead worker
+            enqueue(redis, PREDICT, "backend.jobs.predict_chunk", 7, [task], PANOPTIC, "idle-kill-test")
+        wait_until(lambda: all(label_studio.predictions_for(t) for t in project), timeout=30)
+    finally:
+        for worker in (killed, survivor):
+            if worker is not None:
+                worker.kill()
+                worker.wait(timeout=10)
