@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import socket
 import statistics
 import sys
@@ -41,6 +40,7 @@ from backend.label_config import ProjectSpec  # noqa: E402
 from backend.queues import EmbeddedRedis  # noqa: E402
 from backend.server import create_app  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from bench.report import print_figures  # noqa: E402
 from tests.standin_ls import TOKEN, StandInLabelStudio  # noqa: E402
 from xdecoder import XDecoderConfig, build_model  # noqa: E402
 from xdecoder.bench import synthetic_image  # noqa: E402
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "predict_s": predict_s,
         "overhead": predict_s / model_s - 1,
     }
-    for key, value in results.items():
-        print(f"{key:<12} {value:.4f}" if isinstance(value, float) else f"{key:<12} {value}")
-    print(json.dumps(results))
+    print_figures(results)
     return results
 
 

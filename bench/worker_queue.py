@@ -40,6 +40,7 @@ from rq import Worker  # noqa: E402
 from backend import preannotate  # noqa: E402
 from backend.queues import EmbeddedRedis  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from bench.report import print_figures  # noqa: E402
 from tests.helpers import settings_env, write_tiny_checkpoint  # noqa: E402
 from tests.standin_ls import TOKEN, StandInLabelStudio, png  # noqa: E402
 
@@ -185,9 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         stand_in.close()
         redis_server.stop()
-    for key, value in results.items():
-        print(f"{key:<26} {value:10.3f}" if isinstance(value, float) else f"{key:<26} {value}")
-    print(json.dumps(results))
+    print_figures(results)
     return results
 
 
