@@ -10,8 +10,9 @@
    at short side 512,
    `preannotate.start` enqueues the project; time from enqueue to the last prediction posted, with one
    worker, then two (each worker process runs torch on one thread, so two workers use both cores).
-   Target: two workers at least 1.8x faster. This shared VM's speed wanders by 20-40 % from one second
-   to the next, so 1 and 2 workers alternate for --rounds rounds and the medians are compared.
+   Target: two workers at least 1.8x faster. The stand-in Label Studio and Redis share the two cores with
+   the workers. This shared VM's speed wanders by 20-40 % from one second to the next, so 1 and 2 workers
+   alternate for --rounds rounds and the medians are compared.
 
 Ends with one JSON line of the figures.
 """
