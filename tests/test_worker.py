@@ -20,6 +20,7 @@ from backend.corrections import CorrectionStore
 from backend.progress import RunProgress
 from backend.queues import PREDICT, EmbeddedRedis, enqueue
 from backend.server import create_app
+from backend.versions import VersionRegistry
 from tests.conftest import reference_payload
 from tests.helpers import settings_env
 from tests.standin_ls import png
@@ -161,3 +162,28 @@ def test_a_job_queued_after_a_worker_was_killed_idle_runs_at_once(settings, redi
             if worker is not None:
                 worker.kill()
                 worker.wait(timeout=10)
+
+
+def test_corrections_sent_by_webhook_become_a_served_fine_tune(settings, redis, label_studio):
+    settings = settings.model_copy(
+        update={"finetune_every": 3, "finetune_min_steps": 2, "finetune_max_steps": 2, "finetune_min_gain": -1.0}
+    )
+    label_studio.upload("bf8c4da5-red.png", png(64, 48), project=3)  # the image the reference payload names
+    with TestClient(create_app(settings)) as client:
+        for annotation_id in (1, 2, 3):
+            event = reference_payload("webhook_annotation_created.json")
+            event["annotation"] |= {"id": annotation_id, "task": annotation_id}
+            event["task"]["id"] = annotation_id
+            assert client.post("/webhook", json=event).status_code == 200
+        run_burst(settings, "events")
+        assert Queue("train", connection=redis).count == 1  # the third correction triggered a fine-tune
+        run_burst(settings, "train")
+
+        served = VersionRegistry(settings.model_dir, settings.checkpoint).current(3)
+        assert served.name == "tiny.p3.v1" and served.status == "served" and served.trained_on == 3
+        label_config = reference_payload("webhook_annotation_created.json")["project"]["label_config"]
+        task = {"id": 1, "data": {"image": "/data/upload/3/bf8c4da5-red.png"}}
+        payload = {"tasks": [task], "label_config": label_config, "project": "3.1795397442"}
+        answer = client.post("/predict", json=payload)
+        assert answer.json()["results"][0]["model_version"] == "tiny.p3.v1"
+    assert CorrectionStore(redis).meta(3)["finetune_status"] == "served"
