@@ -1,6 +1,10 @@
 """Loading checkpoints: formats, wrappers, strictness, Hub names, saving."""
 
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,8 @@ import torch
 import xdecoder.checkpoint as checkpoint_module
 from tests.helpers import official_state_dict, tiny_config, tiny_model, write_tiny_checkpoint
 from xdecoder import CheckpointMismatchError, XDecoderConfig, load_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def same_weights(a, b) -> bool:
@@ -97,17 +103,32 @@ def test_pickled_objects_are_refused(tmp_path):
         load_model(tmp_path / "evil.pt", config=tiny_config(), device="cpu")
 
 
-def test_official_names_resolve_through_the_hub(tmp_path, monkeypatch):
-    calls = []
+def test_official_names_resolve_from_the_hub_cache_offline(tmp_path):
+    """A bare official name goes through huggingface_hub's own cache: filled as a download would leave it, with
+    HF_HUB_OFFLINE=1 so that nothing can reach the network. A fresh interpreter, because huggingface_hub reads
+    those variables when it is imported."""
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + checkpoint_module.HUB_REPO.replace("/", "--"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    write_tiny_checkpoint(repo / "snapshots" / revision / "custom_tiny.pt", seed=5)
+    script = (
+        "from xdecoder import load_model; from tests.helpers import tiny_config; "
+        "model = load_model('custom_tiny.pt', config=tiny_config(), device='cpu'); "
+        "print(model.config.decoder.num_queries, float(model.backbone_proj.sum()))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    queries, weight_sum = done.stdout.split()
+    assert int(queries) == 11
+    assert float(weight_sum) == pytest.approx(float(tiny_model(seed=5).backbone_proj.detach().sum()), abs=1e-4)
 
-    def fake_download(repo_id, filename):
-        calls.append((repo_id, filename))
-        return str(write_tiny_checkpoint(tmp_path / filename))
-
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
-    model = load_model("custom_tiny.pt", config=tiny_config(), device="cpu")
-    assert calls == [("xdecoder/X-Decoder", "custom_tiny.pt")]
-    assert model.config.decoder.num_queries == 11
+    missing = script.replace("custom_tiny.pt", "not_cached.pt")
+    done = subprocess.run([sys.executable, "-c", missing], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "LocalEntryNotFoundError" in done.stderr  # offline: refused, not fetched
 
 
 def test_official_names_use_the_official_configs():
