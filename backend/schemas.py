@@ -7,9 +7,9 @@ names the field), never deep inside the model code.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .versions import project_id
 
@@ -18,18 +18,21 @@ class Payload(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _valid_project(value: str | int | None) -> str | int | None:
+    project_id(value)  # raises ValueError (a 422) for anything that is not a project reference
+    return value
+
+
+# How the ML API names a project: "<id>.<created timestamp>", or the id alone.
+ProjectRef = Annotated[str | int | None, AfterValidator(_valid_project)]
+
+
 class SetupRequest(Payload):
-    project: str | int | None = None  # "<id>.<created timestamp>"
+    project: ProjectRef = None
     schema_: str | None = Field(None, alias="schema")  # the labeling config
     hostname: str | None = None
     access_token: str | None = None
     extra_params: Any = None
-
-    @field_validator("project")
-    @classmethod
-    def _project(cls, value):
-        project_id(value)
-        return value
 
 
 class PredictParams(Payload):
@@ -45,15 +48,9 @@ class Task(Payload):
 
 class PredictRequest(Payload):
     tasks: list[Task]
-    project: str | int | None = None
+    project: ProjectRef = None
     label_config: str | None = None
     params: PredictParams | None = None
-
-    @field_validator("project")
-    @classmethod
-    def _project(cls, value):
-        project_id(value)
-        return value
 
 
 class WebhookEvent(Payload):
@@ -72,16 +69,13 @@ class WebhookEvent(Payload):
     @field_validator("project")
     @classmethod
     def _project(cls, value):
-        if isinstance(value, dict):
-            project_id(value.get("id"))
-        else:
-            project_id(value)
+        _valid_project(value.get("id") if isinstance(value, dict) else value)
         return value
 
 
 class TrainRequest(Payload):
     """Label Studio's older training call (POST /train), sent when its webhook-based training is off."""
 
-    project: str | int | None = None
+    project: ProjectRef = None
     annotations: list[dict[str, Any]] = Field(default_factory=list)  # tasks, each with its annotations
     label_config: str | None = None

@@ -190,6 +190,13 @@ def test_malformed_predict_payloads_are_4xx(client, body):
     assert 400 <= response.status_code < 500
 
 
+@pytest.mark.parametrize("route", ["/setup", "/predict", "/train"])
+def test_a_project_that_is_not_a_project_reference_is_4xx(client, redis, route):
+    response = client.post(route, json={"project": "abc", "tasks": [], "schema": "<View/>"})
+    assert response.status_code == 422 and "project" in response.text
+    assert Queue("events", connection=redis).count == 0
+
+
 def test_unsupported_config_at_predict_is_a_clear_400(client, image_url):
     response = predict(client, [{"id": 1, "data": {"image": image_url}}], label_config="<View></View>")
     assert response.status_code == 400 and "Image" in response.json()["error"]
