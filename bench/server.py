@@ -39,9 +39,9 @@ from backend.inference import ModelService  # noqa: E402
 from backend.label_config import ProjectSpec  # noqa: E402
 from backend.queues import EmbeddedRedis  # noqa: E402
 from backend.server import create_app  # noqa: E402
-from backend.settings import Settings  # noqa: E402
 from bench.report import print_figures  # noqa: E402
-from tests.standin_ls import TOKEN, StandInLabelStudio  # noqa: E402
+from tests.helpers import backend_settings  # noqa: E402
+from tests.standin_ls import StandInLabelStudio  # noqa: E402
 from xdecoder import XDecoderConfig, build_model  # noqa: E402
 from xdecoder.bench import synthetic_image  # noqa: E402
 
@@ -79,15 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     buffer = io.BytesIO()
     Image.fromarray(synthetic_image(args.height, args.width)).save(buffer, "PNG")
     url = stand_in.upload("bench.png", buffer.getvalue())
-    settings = Settings(
-        XDECODER_CHECKPOINT="focalt_random",
-        XDECODER_DEVICE="cpu",
-        XDECODER_OBJECT_MASK_THRESHOLD=0.0,
-        XDECODER_OVERLAP_THRESHOLD=0.0,
-        MODEL_DIR=str(folder / "models"),
-        REDIS_URL=redis_server.ensure_running(),
-        LABEL_STUDIO_URL=stand_in.url,
-        LABEL_STUDIO_API_KEY=TOKEN,
+    settings = backend_settings(
+        "focalt_random", folder / "models", stand_in.url, REDIS_URL=redis_server.ensure_running()
     )
     torch.manual_seed(0)
     service = ModelService(settings, model=build_model(XDecoderConfig.focalt()).eval())

@@ -42,8 +42,8 @@ from backend import preannotate  # noqa: E402
 from backend.queues import EmbeddedRedis  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench.report import print_figures  # noqa: E402
-from tests.helpers import settings_env, write_tiny_checkpoint  # noqa: E402
-from tests.standin_ls import TOKEN, StandInLabelStudio, png  # noqa: E402
+from tests.helpers import backend_settings, settings_env, write_tiny_checkpoint  # noqa: E402
+from tests.standin_ls import StandInLabelStudio, png  # noqa: E402
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <PolygonLabels name="label" toName="image"><Label value="Car"/><Label value="Sky"/><Label value="Road"/></PolygonLabels>
@@ -155,16 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     redis_server = EmbeddedRedis(folder / "redis")
     stand_in = StandInLabelStudio()
     try:
-        settings = Settings(
-            XDECODER_CHECKPOINT=str(write_tiny_checkpoint(folder / "tiny.safetensors", fmt="safetensors")),
-            XDECODER_DEVICE="cpu",
-            XDECODER_SHORT_SIDE=512,
-            XDECODER_OBJECT_MASK_THRESHOLD=0.0,
-            XDECODER_OVERLAP_THRESHOLD=0.0,
-            MODEL_DIR=str(folder / "models"),
+        settings = backend_settings(
+            write_tiny_checkpoint(folder / "tiny.safetensors", fmt="safetensors"),
+            folder / "models",
+            stand_in.url,
             REDIS_URL=redis_server.ensure_running(),
-            LABEL_STUDIO_URL=stand_in.url,
-            LABEL_STUDIO_API_KEY=TOKEN,
+            XDECODER_SHORT_SIDE=512,
         )
         redis = Redis.from_url(settings.redis_url)
         results = webhook_latency(settings, args.posts)

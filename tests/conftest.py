@@ -10,8 +10,8 @@ from redis import Redis
 
 from backend.queues import EmbeddedRedis
 from backend.settings import Settings
-from tests.helpers import REFERENCE, write_tiny_checkpoint
-from tests.standin_ls import TOKEN, StandInLabelStudio
+from tests.helpers import REFERENCE, backend_settings, write_tiny_checkpoint
+from tests.standin_ls import StandInLabelStudio
 
 
 @pytest.fixture(scope="session")
@@ -46,17 +46,13 @@ def label_studio() -> StandInLabelStudio:
 @pytest.fixture
 def settings(tmp_path, tiny_checkpoint, redis_url, label_studio) -> Settings:
     """Backend settings for the tiny model; thresholds at 0 so a random model still returns regions."""
-    return Settings(
-        XDECODER_CHECKPOINT=str(tiny_checkpoint),
-        XDECODER_DEVICE="cpu",
-        XDECODER_SHORT_SIDE=64,
-        XDECODER_OBJECT_MASK_THRESHOLD=0.0,
-        XDECODER_OVERLAP_THRESHOLD=0.0,
-        XDECODER_POLYGON_MIN_AREA=4,
-        MODEL_DIR=str(tmp_path / "models"),
+    return backend_settings(
+        tiny_checkpoint,
+        tmp_path / "models",
+        label_studio.url,
         REDIS_URL=redis_url,
-        LABEL_STUDIO_URL=label_studio.url,
-        LABEL_STUDIO_API_KEY=TOKEN,
+        XDECODER_SHORT_SIDE=64,
+        XDECODER_POLYGON_MIN_AREA=4,
     )
 
 

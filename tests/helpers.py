@@ -60,6 +60,24 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, fmt: str = "pt") -> Path:
     return path
 
 
+def backend_settings(checkpoint, model_dir, label_studio_url: str, **environment):
+    """Backend settings on the CPU for a random model: thresholds at 0 so that it still returns regions, the stand-in
+    Label Studio's token. `environment`: more settings by their variable names (REDIS_URL, XDECODER_SHORT_SIDE, ...)."""
+    from backend.settings import Settings
+    from tests.standin_ls import TOKEN
+
+    return Settings(
+        XDECODER_CHECKPOINT=str(checkpoint),
+        XDECODER_DEVICE="cpu",
+        XDECODER_OBJECT_MASK_THRESHOLD=0.0,
+        XDECODER_OVERLAP_THRESHOLD=0.0,
+        MODEL_DIR=str(model_dir),
+        LABEL_STUDIO_URL=label_studio_url,
+        LABEL_STUDIO_API_KEY=TOKEN,
+        **environment,
+    )
+
+
 def settings_env(settings) -> dict[str, str]:
     """The environment variables that reproduce `settings` in a subprocess (e.g. a worker)."""
     from pydantic import SecretStr

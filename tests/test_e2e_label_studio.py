@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import settings_env
+from tests.helpers import backend_settings, settings_env
 from tests.standin_ls import TOKEN, png
 
 LABEL_STUDIO = os.environ.get("XDECODER_E2E_LABEL_STUDIO")
@@ -84,19 +84,10 @@ def label_studio_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend(label_studio_url, tmp_path_factory, tiny_checkpoint):
     from backend.queues import EmbeddedRedis
-    from backend.settings import Settings
 
     folder = tmp_path_factory.mktemp("xdls")
-    settings = Settings(
-        XDECODER_CHECKPOINT=str(tiny_checkpoint),
-        XDECODER_DEVICE="cpu",
-        XDECODER_SHORT_SIDE=64,
-        XDECODER_OBJECT_MASK_THRESHOLD=0.0,
-        XDECODER_OVERLAP_THRESHOLD=0.0,
-        XDECODER_POLYGON_MIN_AREA=4,
-        MODEL_DIR=str(folder),
-        LABEL_STUDIO_URL=label_studio_url,
-        LABEL_STUDIO_API_KEY=TOKEN,
+    settings = backend_settings(
+        tiny_checkpoint, folder, label_studio_url, XDECODER_SHORT_SIDE=64, XDECODER_POLYGON_MIN_AREA=4
     )
     port = free_port()
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
