@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xdecoder import Predictor, Vocabulary, XDecoderModel, build_model
-from xdecoder.checkpoint import load_state_dict_strict
+from xdecoder import Predictor, Vocabulary, XDecoderModel
+from xdecoder.checkpoint import with_replaced_weights
 from xdecoder.training import FineTuner, SegmentationTarget, mask_iou_score, trainable_parameters
 
 from .brush import polygon_to_mask, rle_to_mask
@@ -227,13 +227,7 @@ def model_input(example: Example, predictor: Predictor) -> tuple[torch.Tensor, S
 def trainable_copy(served: XDecoderModel) -> XDecoderModel:
     """A model of its own with the served weights: the tensors training changes are copies, the frozen ones
     (backbone, text encoder) are shared with the served model, which training never writes."""
-    trainable = set(trainable_parameters(served))
-    state = {k: v.clone() if k in trainable else v for k, v in served.state_dict().items()}
-    with torch.device("meta"):
-        model = build_model(served.config)
-    load_state_dict_strict(model, state)
-    model.reset_constants()
-    return model.to(served.device)
+    return with_replaced_weights(served, {k: p.detach().clone() for k, p in trainable_parameters(served).items()})
 
 
 def predictor_like(template: Predictor, model: XDecoderModel) -> Predictor:

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from xdecoder import Prediction, Predictor, XDecoderConfig, XDecoderModel, build_model, load_model
-from xdecoder.checkpoint import load_state_dict_strict
+from xdecoder import Prediction, Predictor, XDecoderConfig, XDecoderModel, load_model
+from xdecoder.checkpoint import with_replaced_weights
 
 from .images import ImageFetcher, ImageFetchError
 from .label_config import ControlSpec, ImageSpec, PanopticVocabulary, ProjectSpec, Prompt
@@ -125,16 +124,9 @@ class ModelService:
         """The base model's tensors, with the ones fine-tuning changed replaced (the rest are shared)."""
         from safetensors.torch import load_file
 
-        base = self.base_model
-        changed = load_file(str(self.registry.weights_path(version)), device=str(base.device))
-        state = dict(base.state_dict())
-        state.update({k: v.to(state[k].dtype) if k in state else v for k, v in changed.items()})
-        with torch.device("meta"):
-            model = build_model(base.config)
-        load_state_dict_strict(model, state)
-        model.reset_constants()
-        logger.info("loaded model version %s (%d tensors fine-tuned)", version.name, len(changed))
-        return model.to(base.device).eval()
+        changed = load_file(str(self.registry.weights_path(version)), device=str(self.base_model.device))
+        logger.info("loading model version %s (%d tensors fine-tuned)", version.name, len(changed))
+        return with_replaced_weights(self.base_model, changed)
 
     # ------------------------------------------------------------------------------ predicting
     def predict(

@@ -140,3 +140,17 @@ def test_official_names_use_the_official_configs():
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nowhere" / "model.pt")
+
+
+def test_replaced_weights_share_the_rest():
+    base = tiny_model(seed=1)
+    name = "sem_seg_head.predictor.query_feat.weight"
+    new = torch.ones_like(base.state_dict()[name], dtype=torch.float64)  # cast to the model's dtype
+    copy = checkpoint_module.with_replaced_weights(base, {name: new})
+    assert torch.equal(copy.state_dict()[name], new.float()) and copy.state_dict()[name].dtype == torch.float32
+    assert not torch.equal(base.state_dict()[name], copy.state_dict()[name])
+    other = "backbone.patch_embed.proj.weight"
+    assert copy.state_dict()[other].data_ptr() == base.state_dict()[other].data_ptr()
+    assert not copy.training
+    with pytest.raises(CheckpointMismatchError, match="1 unexpected"):
+        checkpoint_module.with_replaced_weights(base, {"no.such.weight": new})

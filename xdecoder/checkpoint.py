@@ -134,6 +134,19 @@ def load_state_dict_strict(model: XDecoderModel, state_dict: Mapping[str, Tensor
     model.load_state_dict(state, strict=True, assign=True)
 
 
+def with_replaced_weights(model: XDecoderModel, replaced: Mapping[str, Tensor]) -> XDecoderModel:
+    """A new model, on `model`'s device, with `model`'s tensors except those named in `replaced` (e.g. a fine-tuned
+    version's delta). The others are shared, not copied: a version costs only the memory of what it changes."""
+    state = dict(model.state_dict())
+    # A name the model lacks stays as it is, so that the strict load names it as unexpected.
+    state.update({k: v.to(state[k].device, state[k].dtype) if k in state else v for k, v in replaced.items()})
+    with torch.device("meta"):
+        copy = build_model(model.config)
+    load_state_dict_strict(copy, state)
+    copy.reset_constants()
+    return copy.to(model.device).eval()
+
+
 def _hint(state: Mapping[str, Tensor], config: XDecoderConfig) -> str:
     try:
         inferred = XDecoderConfig.from_state_dict(state)
