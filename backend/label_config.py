@@ -206,7 +206,7 @@ class Prompt:
     usually keeps only the `context` prompts."""
 
     text: str
-    label: str  # a LabelSpec.value; ImageSpec.controls_with_label says which controls can hold it
+    label: str  # a LabelSpec.value; the controls that have this label receive the mask
     source: PromptSource
 
 
@@ -226,9 +226,6 @@ class ImageSpec:
     @property
     def controls(self) -> tuple[ControlSpec, ...]:
         return self.polygon_controls + self.brush_controls
-
-    def controls_with_label(self, value: str) -> tuple[ControlSpec, ...]:
-        return tuple(control for control in self.controls if control.label(value) is not None)
 
     def prompts(self, task_data: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> list[Prompt]:
         """The referring prompts for one task, each once, in this order: the interactive context, the task data,

@@ -25,10 +25,6 @@ class ProgressSnapshot:
     def finished(self) -> int:
         return self.done + self.failed + self.skipped
 
-    @property
-    def complete(self) -> bool:
-        return self.total > 0 and self.finished >= self.total
-
 
 class RunProgress:
     def __init__(self, redis: Redis, run_id: str):

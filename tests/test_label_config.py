@@ -405,7 +405,7 @@ def test_the_same_referring_label_in_polygon_and_brush_controls_is_one_label() -
     )
 
     assert image.referring_label == "Referred"
-    assert [control.name for control in image.controls_with_label("Referred")] == ["poly", "brush"]
+    assert [control.name for control in image.controls if control.label("Referred")] == ["poly", "brush"]
 
 
 def test_several_referring_labels_are_an_error() -> None:
