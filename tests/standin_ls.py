@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +40,7 @@ class StandInLabelStudio:
         self.predictions: list[dict] = []
         self.requests: list[tuple[str, str]] = []
         self.fail_prediction_posts = 0  # answer the next N prediction posts with 500
+        self.prediction_post_seconds = 0.0  # how long each prediction post takes (a slow Label Studio)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -126,6 +128,7 @@ class StandInLabelStudio:
                     return self._send(401, {"detail": "Authentication credentials were not provided."})
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if urlsplit(self.path).path.rstrip("/") == "/api/predictions":
+                    time.sleep(stand_in.prediction_post_seconds)
                     with stand_in._lock:
                         if stand_in.fail_prediction_posts > 0:
                             stand_in.fail_prediction_posts -= 1

@@ -122,6 +122,7 @@ def test_a_killed_worker_has_its_job_rerun_without_duplicate_predictions(setting
     settings = settings.model_copy(update={"worker_heartbeat_s": 1, "worker_maintenance_s": 1})
     tasks = [{"id": t, "data": label_studio.tasks[t]["data"]} for t in project]
     job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", 7, tasks, PANOPTIC, "kill-test", retry=Retry(max=2))
+    label_studio.prediction_post_seconds = 0.5  # slow enough that the kill lands mid-job
     worker = start_worker(settings, "predict")
     try:
         wait_until(lambda: len(label_studio.predictions) >= 2)
@@ -132,6 +133,7 @@ def test_a_killed_worker_has_its_job_rerun_without_duplicate_predictions(setting
         worker = start_worker(settings, "predict")
         wait_until(lambda: all(label_studio.predictions_for(t) for t in project), timeout=180)
     finally:
+        label_studio.prediction_post_seconds = 0.0
         worker.kill()
         worker.wait(timeout=10)
     for task in project:
