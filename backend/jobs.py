@@ -118,6 +118,26 @@ def apply_event(payload: Mapping[str, Any]) -> str:
     return f"ignored {action}"
 
 
+def apply_events(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Apply a batch of stored webhooks in the order they arrived (the server stores a burst as one job).
+
+    An event that raises is queued again as its own `apply_event` job, with the events queue's retries, so that
+    it does not hold back the others; if even that fails (Redis is gone), the whole batch fails and is retried,
+    which applying events again makes harmless.
+    """
+    from .queues import EVENTS, enqueue
+
+    outcomes = []
+    for payload in payloads:
+        try:
+            outcomes.append(apply_event(payload))
+        except Exception:
+            logger.exception("webhook %s could not be applied; retrying it on its own", payload.get("action"))
+            job = enqueue(context().redis, EVENTS, "backend.jobs.apply_event", payload)
+            outcomes.append(f"failed, retried as job {job.id}")
+    return outcomes
+
+
 def _annotation_task_pairs(payload: Mapping[str, Any]) -> list[tuple[Mapping, Mapping]]:
     """(annotation, task) pairs from a single or a bulk (lists under the same keys) annotation event."""
     annotations = payload.get("annotation")

@@ -3,7 +3,8 @@
     GET  /health, /        liveness (Label Studio waits 1 s)
     POST /setup            the project's model version (3 s; called before every batch prediction)
     POST /predict          one result per task, in order (100 s for the whole selection)
-    POST /webhook          annotation events, stored in Redis before we answer (1 s, inside the save)
+    POST /webhook          annotation events, stored in Redis before we answer (1 s, inside the save;
+                           plain ASGI in front of the app, see backend/webhooks.py)
     POST /train            Label Studio's older training call, handled like START_TRAINING
     GET  /versions         model versions
     GET  /metrics          Prometheus metrics
@@ -31,9 +32,10 @@ from . import metrics
 from .inference import ModelService
 from .label_config import LabelConfigError, ProjectSpec
 from .queues import EVENTS, PREDICT, connect, enqueue
-from .schemas import PredictRequest, SetupRequest, TrainRequest, WebhookEvent
+from .schemas import PredictRequest, SetupRequest, TrainRequest
 from .settings import Settings, get_settings
 from .versions import project_id
+from .webhooks import WebhookInbox, WebhookRoute
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         app.state.service = service or await run_in_threadpool(ModelService, settings)
         app.state.redis = redis or connect(settings)
+        app.state.webhooks = WebhookInbox(app.state.redis)
         yield
         if service is None:
             app.state.service.close()
@@ -97,7 +100,8 @@ def create_app(
                 status.HTTP_401_UNAUTHORIZED, "basic authentication required", {"WWW-Authenticate": "Basic"}
             )
 
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(WebhookRoute)
+    app.add_middleware(RequestMetrics)  # added last: the outermost, so it times /webhook too
 
     @app.exception_handler(LabelConfigError)
     async def label_config_error(request: Request, error: LabelConfigError):
@@ -155,14 +159,6 @@ def create_app(
             return
         job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, tasks, label_config)
         logger.info("%d tasks handed to the predict queue (job %s)", len(tasks), job.id)
-
-    @app.post("/webhook")
-    async def webhook(event: WebhookEvent, request: Request) -> dict:
-        redis: Redis = request.app.state.redis
-        payload = event.model_dump(mode="json")
-        job = await run_in_threadpool(enqueue, redis, EVENTS, "backend.jobs.apply_event", payload)
-        metrics.WEBHOOKS.labels(action=event.action).inc()
-        return {"status": "ok", "job": job.id}
 
     @app.post("/train", dependencies=[Depends(require_auth)])
     async def train(payload: TrainRequest, request: Request) -> dict:

@@ -134,3 +134,23 @@ def test_start_training_from_the_older_train_call_stores_its_annotations(worker_
     }
     assert jobs.apply_event(event).startswith("fine-tune queued")
     assert worker_context.store.get(4, 90).task_id == 9
+
+
+def test_a_batch_applies_its_events_in_order_and_an_event_that_fails_is_retried_alone(worker_context, monkeypatch):
+    applied = []
+    original = jobs.apply_event
+
+    def flaky(payload):
+        if payload.get("annotation", {}).get("id") == 2:
+            raise RuntimeError("boom")
+        applied.append(payload["annotation"]["id"])
+        return original(payload)
+
+    monkeypatch.setattr(jobs, "apply_event", flaky)
+    outcomes = jobs.apply_events([created(annotation_id=i, task_id=i) for i in (1, 2, 3)])
+    assert applied == [1, 3]
+    assert outcomes[0].startswith("ANNOTATION_CREATED") and outcomes[2].startswith("ANNOTATION_CREATED")
+    assert outcomes[1].startswith("failed, retried as job")
+    (retry,) = Queue("events", connection=worker_context.redis).jobs
+    assert retry.func_name == "backend.jobs.apply_event" and retry.args[0]["annotation"]["id"] == 2
+    assert worker_context.store.count(3) == 2

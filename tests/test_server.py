@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 from pathlib import Path
@@ -16,6 +17,7 @@ from rq import Queue
 from backend.brush import rle_to_mask
 from backend.label_config import ProjectSpec
 from backend.server import create_app
+from backend.webhooks import WebhookInbox
 from tests.conftest import reference_payload
 from tests.helpers import tiny_model
 from tests.standin_ls import png
@@ -216,8 +218,9 @@ def test_webhook_is_stored_in_redis_before_the_answer(client, redis):
     response = client.post("/webhook", json=payload)
     assert response.status_code == 200
     job = Queue("events", connection=redis).fetch_job(response.json()["job"])
-    assert job is not None and job.func_name == "backend.jobs.apply_event"
-    assert job.args[0]["action"] == "ANNOTATION_CREATED" and job.args[0]["annotation"]["id"] == 1
+    assert job is not None and job.func_name == "backend.jobs.apply_events"
+    (event,) = job.args[0]
+    assert event["action"] == "ANNOTATION_CREATED" and event["annotation"]["id"] == 1
 
 
 @pytest.mark.parametrize("body", [b"[]", b'{"project": {"id": 3}}', b'{"action": ""}', b"nonsense"])
@@ -225,6 +228,43 @@ def test_malformed_webhooks_are_4xx_and_not_stored(client, redis, body):
     response = client.post("/webhook", content=body, headers={"Content-Type": "application/json"})
     assert 400 <= response.status_code < 500
     assert Queue("events", connection=redis).count == 0
+
+
+def test_a_burst_of_webhooks_is_stored_in_few_jobs_each_answer_after_its_own(redis):
+    inbox = WebhookInbox(redis)
+    stored_before_answer = []
+
+    async def post(i: int) -> str:
+        job_id = await inbox.store({"action": "ANNOTATION_CREATED", "annotation": {"id": i}})
+        events = Queue("events", connection=redis).fetch_job(job_id).args[0]
+        stored_before_answer.append(i in [event["annotation"]["id"] for event in events])
+        return job_id
+
+    async def burst() -> list[str]:
+        return await asyncio.gather(*(post(i) for i in range(200)))
+
+    job_ids = asyncio.run(burst())
+    assert all(stored_before_answer) and len(stored_before_answer) == 200
+    jobs = [Queue("events", connection=redis).fetch_job(job_id) for job_id in dict.fromkeys(job_ids)]
+    assert len(jobs) <= 10
+    assert all(job.func_name == "backend.jobs.apply_events" for job in jobs)
+    in_order = [event["annotation"]["id"] for job in jobs for event in job.args[0]]
+    assert in_order == list(range(200))  # every event once, in arrival order
+
+    async def one_after_the_other() -> list[str]:
+        return [await inbox.store({"action": "PROJECT_UPDATED"}), await inbox.store({"action": "PROJECT_UPDATED"})]
+
+    first, second = asyncio.run(one_after_the_other())  # a lone event is written at once, not held for company
+    assert first != second
+
+
+def test_a_webhook_that_cannot_be_stored_is_a_503(settings):
+    from redis import Redis
+
+    unreachable = Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.5)
+    with TestClient(create_app(settings, redis=unreachable)) as client:
+        response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}})
+    assert response.status_code == 503 and "could not be stored" in response.json()["detail"]
 
 
 def test_tasks_past_the_time_budget_go_to_the_workers(settings, redis, image_url):
