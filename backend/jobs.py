@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from .settings import Settings, get_settings
 from .versions import project_id
 
 logger = logging.getLogger(__name__)
+
+# Label Studio API calls a pre-annotation job has in flight at once (checks for earlier predictions, posts).
+LABEL_STUDIO_CALLS = 4
 
 
 @dataclass
@@ -175,24 +179,38 @@ def predict_chunk(
         return {"done": 0, "skipped": 0, "failed": len(tasks)}
     version = service.current_version(project)
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    for task in tasks:
+
+    def has_prediction(task: Mapping[str, Any]) -> bool:
         task_id = int(task["id"])
-        if progress.already_predicted(project, version.name, task_id) or (
+        return progress.already_predicted(project, version.name, task_id) or (
             version.name in api.prediction_versions(task_id)
-        ):
-            progress.mark_predicted(project, version.name, task_id)
-            progress.add(skipped=1)
-            counts["skipped"] += 1
-            continue
-        prediction = service.predict([task], spec, project).predictions[0]
-        if prediction.error is not None:
-            progress.add(failed=1)
-            counts["failed"] += 1
-            continue
+        )
+
+    def post(task_id: int, prediction) -> None:
         api.create_prediction(project, task_id, prediction.result, prediction.score, prediction.model_version)
         progress.mark_predicted(project, version.name, task_id)
         progress.add(done=1)
-        counts["done"] += 1
+
+    # Label Studio is asked about every task of the chunk at once, and each prediction is posted while the model
+    # works on the next task: the worker's core waits for Label Studio as little as possible.
+    with ThreadPoolExecutor(max_workers=LABEL_STUDIO_CALLS, thread_name_prefix="label-studio") as calls:
+        posts = []
+        for task, predicted in zip(tasks, list(calls.map(has_prediction, tasks)), strict=True):
+            task_id = int(task["id"])
+            if predicted:
+                progress.mark_predicted(project, version.name, task_id)
+                progress.add(skipped=1)
+                counts["skipped"] += 1
+                continue
+            prediction = service.predict([task], spec, project).predictions[0]
+            if prediction.error is not None:
+                progress.add(failed=1)
+                counts["failed"] += 1
+                continue
+            posts.append(calls.submit(post, task_id, prediction))
+        for posted in posts:
+            posted.result()  # a post that failed fails the job, which is retried; posted tasks are skipped then
+            counts["done"] += 1
     logger.info("project %s, run %s: %s", project, progress.run_id, counts)
     return counts
 

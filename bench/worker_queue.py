@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -164,16 +166,61 @@ def throughput(settings: Settings, stand_in: StandInLabelStudio, redis: Redis, t
             process.wait()
 
 
+def _forward_images(checkpoint: str, seeds: list[int], ready, go, done) -> None:
+    """In a child process: load the model, wait for the start, then segment one image per seed."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from xdecoder import Predictor, load_model
+
+    torch.set_num_threads(1)
+    predictor = Predictor(load_model(checkpoint, device="cpu"), short_side=512)
+    images = [np.asarray(Image.open(io.BytesIO(png(683, 512, seed=seed))).convert("RGB")) for seed in seeds]
+    predictor.panoptic(images[0], ["car", "sky", "road"])  # warm-up, and the class embeddings
+    ready.put(None)
+    go.wait()
+    for image in images:
+        predictor.panoptic(image, ["car", "sky", "road"])
+    done.put(None)
+
+
+def forward_seconds(checkpoint: Path, tasks: int, processes: int) -> float:
+    """Seconds `processes` plain processes take to segment `tasks` images between them: the model alone, no
+    queue, no HTTP, no Redis. What two processes gain over one here is what this machine allows two workers."""
+    spawn = multiprocessing.get_context("spawn")
+    ready, done, go = spawn.Queue(), spawn.Queue(), spawn.Event()
+    seeds = [list(range(tasks))[i::processes] for i in range(processes)]
+    children = [spawn.Process(target=_forward_images, args=(str(checkpoint), s, ready, go, done)) for s in seeds]
+    for child in children:
+        child.start()
+    try:
+        for _ in children:
+            ready.get(timeout=120)
+        started = time.perf_counter()
+        go.set()
+        for _ in children:
+            done.get(timeout=600)
+        return time.perf_counter() - started
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+
+
 def preannotation_speedup(
     settings: Settings, stand_in: StandInLabelStudio, redis: Redis, tasks: int, rounds: int
 ) -> dict:
     stand_in.add_project(1, CONFIG)
     for i in range(tasks):
         stand_in.add_task(1, {"image": stand_in.upload(f"b{i}.png", png(683, 512, seed=i))})
-    ones, twos = [], []
+    ones, twos, model_ones, model_twos = [], [], [], []
     for _ in range(rounds):
         ones.append(throughput(settings, stand_in, redis, tasks, workers=1))
         twos.append(throughput(settings, stand_in, redis, tasks, workers=2))
+        model_ones.append(forward_seconds(settings.checkpoint, tasks, processes=1))
+        model_twos.append(forward_seconds(settings.checkpoint, tasks, processes=2))
     one, two = statistics.median(ones), statistics.median(twos)
     return {
         "preannotate_tasks": tasks,
@@ -182,6 +229,9 @@ def preannotation_speedup(
         "one_worker_tasks_per_s": tasks / one,
         "two_workers_tasks_per_s": tasks / two,
         "speedup": one / two,
+        "model_only_one_process_s": statistics.median(model_ones),
+        "model_only_two_processes_s": statistics.median(model_twos),
+        "model_only_speedup": statistics.median(model_ones) / statistics.median(model_twos),
     }
 
 
