@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,21 +136,34 @@ class ModelService:
         project: int | None,
         context: Mapping[str, Any] | None = None,
         deadline: float | None = None,
+        on_task: Callable[[int, TaskPrediction], None] | None = None,
     ) -> PredictOutcome:
         """Results for `tasks` (Label Studio task dicts with `id` and `data`), in order.
 
         context: /predict's params.context (interactive mode): when it holds prompts, only those are
         segmented. deadline: a time.monotonic() after which no new task is started; tasks left over
-        are listed in `unfinished` and get "/pending" placeholders.
+        are listed in `unfinished` and get "/pending" placeholders. on_task(index, prediction): called
+        as soon as a task's prediction is made (or has failed), while the model goes on with the next
+        tasks, whose images are fetched ahead meanwhile.
         """
         version = self.current_version(project)
         predictor = self.predictor(version)
         works = [self._plan(i, task, spec, context) for i, task in enumerate(tasks)]
         progress = _Progress(len(tasks))
+        images_left = [len(task_works) for task_works in works]
+
+        def prediction_of(index: int) -> TaskPrediction:
+            if index in progress.failed:
+                return TaskPrediction([], 0.0, f"{version.name}/failed", progress.failed[index])
+            score = round(float(np.mean(progress.scores[index])), 6)
+            return TaskPrediction(progress.regions[index], score, version.name)
+
         for index, task_works in enumerate(works):
             if not task_works:
                 progress.failed[index] = "no_image"
                 logger.error("task %s: no image URL in the fields %s", tasks[index].get("id"), _image_keys(spec))
+                if on_task is not None:
+                    on_task(index, prediction_of(index))
         queue = self._fetched([w for task_works in works for w in task_works], tasks)
         processed = 0
         seconds_per_image = 0.0
@@ -164,17 +177,17 @@ class ModelService:
             spent = (self.clock() - started) / len(batch)
             seconds_per_image = spent if processed == 0 else 0.7 * seconds_per_image + 0.3 * spent
             processed += len(batch)
+            for work, _ in batch:
+                images_left[work.task_index] -= 1
+                if images_left[work.task_index] == 0 and on_task is not None:
+                    on_task(work.task_index, prediction_of(work.task_index))
         for _, future in queue[processed:]:
             future.cancel()
 
-        finished = {work.task_index for work, _ in queue[:processed]} - {w.task_index for w, _ in queue[processed:]}
         outcome = PredictOutcome([])
         for index in range(len(tasks)):
-            if index in progress.failed:
-                outcome.predictions.append(TaskPrediction([], 0.0, f"{version.name}/failed", progress.failed[index]))
-            elif index in finished:
-                score = round(float(np.mean(progress.scores[index])), 6)
-                outcome.predictions.append(TaskPrediction(progress.regions[index], score, version.name))
+            if images_left[index] == 0 or index in progress.failed:
+                outcome.predictions.append(prediction_of(index))
             else:
                 outcome.predictions.append(TaskPrediction([], 0.0, f"{version.name}/pending"))
                 outcome.unfinished.append(index)

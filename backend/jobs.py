@@ -191,23 +191,28 @@ def predict_chunk(
         progress.mark_predicted(project, version.name, task_id)
         progress.add(done=1)
 
-    # Label Studio is asked about every task of the chunk at once, and each prediction is posted while the model
-    # works on the next task: the worker's core waits for Label Studio as little as possible.
+    # Label Studio is asked about every task of the chunk at once, the model fetches each image while it works on
+    # the one before, and each prediction is posted while it works on the next: the worker's core waits for
+    # Label Studio as little as possible.
     with ThreadPoolExecutor(max_workers=LABEL_STUDIO_CALLS, thread_name_prefix="label-studio") as calls:
-        posts = []
+        to_predict = []
         for task, predicted in zip(tasks, list(calls.map(has_prediction, tasks)), strict=True):
-            task_id = int(task["id"])
             if predicted:
-                progress.mark_predicted(project, version.name, task_id)
+                progress.mark_predicted(project, version.name, int(task["id"]))
                 progress.add(skipped=1)
                 counts["skipped"] += 1
-                continue
-            prediction = service.predict([task], spec, project).predictions[0]
+            else:
+                to_predict.append(task)
+        posts = []
+
+        def on_task(index: int, prediction) -> None:
             if prediction.error is not None:
                 progress.add(failed=1)
                 counts["failed"] += 1
-                continue
-            posts.append(calls.submit(post, task_id, prediction))
+            else:
+                posts.append(calls.submit(post, int(to_predict[index]["id"]), prediction))
+
+        service.predict(to_predict, spec, project, on_task=on_task)
         for posted in posts:
             posted.result()  # a post that failed fails the job, which is retried; posted tasks are skipped then
             counts["done"] += 1

@@ -106,3 +106,22 @@ def test_batches_give_the_same_results_as_single_images(settings, tasks):
         assert a.score == pytest.approx(b.score, abs=1e-3)
     single.close()
     batched.close()
+
+
+def test_each_task_is_reported_as_soon_as_it_is_predicted(service, tasks, label_studio):
+    spec = ProjectSpec.parse(CONFIG)
+    broken = {"id": 99, "data": {"image": label_studio.url + "/data/upload/1/missing.png"}}
+    no_image = {"id": 98, "data": {}}
+    batch = [tasks[0], broken, tasks[1], no_image]
+    reported = []
+
+    def on_task(index, prediction):
+        # The next image is being fetched while this one is reported: nothing later is finished yet.
+        assert all(i < index or batch[i] is no_image for i, _ in reported)
+        reported.append((index, prediction))
+
+    outcome = service.predict(batch, spec, project=3, on_task=on_task)
+    assert sorted(i for i, _ in reported) == [0, 1, 2, 3]
+    assert [p for _, p in sorted(reported, key=lambda r: r[0])] == outcome.predictions
+    assert outcome.predictions[1].error is not None and outcome.predictions[3].error == "no_image"
+    assert outcome.predictions[0].result and outcome.predictions[0].model_version == "tiny"
