@@ -1,12 +1,15 @@
-"""End to end with a real Label Studio 1.23 as the client (opt-in: it needs a Label Studio install).
+"""End to end with a real Label Studio 1.23 as the client.
 
     XDECODER_E2E_LABEL_STUDIO=/path/to/label-studio python -m pytest tests/test_e2e_label_studio.py
+
+`scripts/test.sh` (and so CI) installs Label Studio 1.23.2 into .venv-labelstudio and sets the variable; a bare
+pytest run without it skips this test and says so.
 
 Label Studio is started on loopback with the offline settings of shared/reference/label-studio.md; the
 backend (`xdecoder-ls serve`) and a worker run as separate processes with the tiny random model. The
 test drives Label Studio's own REST API the way its UI does: connect the backend, retrieve
 predictions for the project, ask interactively with a text prompt, save an annotation (its webhook
-reaches the backend and a worker stores it), and press Start Training.
+reaches the backend and a worker stores it), press Start Training, then pre-annotate new tasks in bulk.
 """
 
 from __future__ import annotations
@@ -144,3 +147,17 @@ def test_label_studio_gets_labelled_editable_polygons_and_sends_corrections(labe
     info = json.loads(status.stdout)
     assert info["projects"][str(project)]["corrections"] == 1
     assert info["queues"]["train"]["queued"] == 1  # Start Training queued a fine-tune
+
+    # Bulk pre-annotation of the tasks imported since: through the workers, written with Label Studio's API.
+    for name in ("second.png", "third.png"):
+        upload = ls.post(f"/api/projects/{project}/import", files={"file": (name, png(80, 60, seed=7), "image/png")})
+        assert upload.status_code == 201, upload.text
+    command = [sys.executable, "-m", "backend.cli", "preannotate", "--project", str(project), "--detach"]
+    assert subprocess.run(command, env=env).returncode == 0
+    worker = subprocess.run([sys.executable, "-m", "backend.cli", "worker", "--queues", "predict", "--burst"], env=env)
+    assert worker.returncode == 0
+    tasks = ls.get("/api/tasks/", params={"project": project}).json()["tasks"]
+    assert len(tasks) == 3
+    for each in tasks:  # the first task keeps its one prediction; the new ones got theirs
+        versions = [p["model_version"] for p in ls.get("/api/predictions/", params={"task": each["id"]}).json()]
+        assert versions == ["tiny"], (each["id"], versions)
