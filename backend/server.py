@@ -4,7 +4,7 @@
     POST /setup            the project's model version (3 s; called before every batch prediction)
     POST /predict          one result per task, in order (100 s for the whole selection)
     POST /webhook          annotation events, stored in Redis before we answer (1 s, inside the save;
-                           plain ASGI in front of the app, see backend/webhooks.py)
+                           the outermost ASGI layer, see backend/webhooks.py)
     POST /train            Label Studio's older training call, handled like START_TRAINING
     GET  /versions         model versions
     GET  /metrics          Prometheus metrics
@@ -15,6 +15,7 @@ model is loaded once, when the app starts; /setup and /health never wait for a p
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import time
@@ -72,8 +73,9 @@ def create_app(
     settings: Settings | None = None,
     service: ModelService | None = None,
     redis: Redis | None = None,
-) -> FastAPI:
-    """The ASGI app. `service` and `redis` default to ones built from `settings` at startup."""
+) -> WebhookRoute:
+    """The ASGI app: the FastAPI app behind the /webhook route. `service` and `redis` default to ones built from
+    `settings` at startup."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -81,6 +83,9 @@ def create_app(
         app.state.service = service or await run_in_threadpool(ModelService, settings)
         app.state.redis = redis or connect(settings)
         app.state.webhooks = WebhookInbox(app.state.redis)
+        # Everything loaded so far (torch, the model, the libraries) lives as long as the process: keep it out of
+        # the garbage collector's full passes, which would otherwise walk it in the middle of a burst of requests.
+        gc.freeze()
         yield
         if service is None:
             app.state.service.close()
@@ -100,8 +105,7 @@ def create_app(
                 status.HTTP_401_UNAUTHORIZED, "basic authentication required", {"WWW-Authenticate": "Basic"}
             )
 
-    app.add_middleware(WebhookRoute)
-    app.add_middleware(RequestMetrics)  # added last: the outermost, so it times /webhook too
+    app.add_middleware(RequestMetrics)
 
     @app.exception_handler(LabelConfigError)
     async def label_config_error(request: Request, error: LabelConfigError):
@@ -180,4 +184,4 @@ def create_app(
         body, content_type = metrics.render(request.app.state.redis)
         return PlainTextResponse(body, media_type=content_type)
 
-    return app
+    return WebhookRoute(app)

@@ -3,8 +3,8 @@
 Label Studio sends webhooks inside the annotator's save, synchronously, with a 1 s timeout, and a bulk action
 sends hundreds at once. Two things keep every answer fast under such a burst:
 
-- The route is plain ASGI in front of the FastAPI app: FastAPI's routing, dependency and response machinery costs
-  more per request than the rest of the acknowledgement together.
+- The route is the outermost ASGI layer, in front of the FastAPI app: FastAPI's middleware, routing, dependency
+  and response machinery cost more per request than the rest of the acknowledgement together.
 - Events are stored in batches. The first event after a quiet moment is written at once; events that arrive while
   a write is under way wait for it to end and are then written together, as ONE job of the `events` queue
   (`backend.jobs.apply_events`, which applies them in order). Each request is answered only when the batch that
@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
+from fastapi import FastAPI
 from pydantic import ValidationError
 from redis import Redis
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from . import metrics
 from .queues import EVENTS, enqueue
@@ -78,38 +80,39 @@ class WebhookInbox:
 
 
 class WebhookRoute:
-    """ASGI middleware answering POST /webhook itself; everything else goes to `app`.
+    """The outermost ASGI layer: answers POST /webhook itself, hands everything else to the FastAPI `app`.
 
     The inbox is the one the app's lifespan puts on `app.state.webhooks`.
     """
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: FastAPI):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        status = await self._handle(scope, receive, send)
+        metrics.observe_request(PATH, status, time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
         if scope["method"] != "POST":
-            await _answer(send, 405, {"detail": "Method Not Allowed"}, [(b"allow", b"POST")])
-            return
+            return await _answer(send, 405, {"detail": "Method Not Allowed"}, [(b"allow", b"POST")])
         body = await _read_body(receive)
         if body is None:
-            await _answer(send, 413, {"detail": f"webhook body over {MAX_BODY_BYTES} bytes"})
-            return
+            return await _answer(send, 413, {"detail": f"webhook body over {MAX_BODY_BYTES} bytes"})
         try:
             event = WebhookEvent.model_validate_json(body)
         except ValidationError as error:
-            await _answer_raw(send, 422, b'{"detail":' + error.json(include_url=False).encode() + b"}")
-            return
-        inbox: WebhookInbox = scope["app"].state.webhooks
+            return await _answer_raw(send, 422, b'{"detail":' + error.json(include_url=False).encode() + b"}")
+        inbox: WebhookInbox = self.app.state.webhooks
         try:
             job_id = await inbox.store(event.model_dump(mode="json"))
         except Exception:
-            await _answer(send, 503, {"detail": "the event could not be stored; Redis is unreachable"})
-            return
+            return await _answer(send, 503, {"detail": "the event could not be stored; Redis is unreachable"})
         metrics.WEBHOOKS.labels(action=event.action).inc()
-        await _answer(send, 200, {"status": "ok", "job": job_id})
+        return await _answer(send, 200, {"status": "ok", "job": job_id})
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -128,11 +131,11 @@ async def _read_body(receive: Receive) -> bytes | None:
     return b"".join(chunks)
 
 
-async def _answer(send: Send, status: int, content: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    await _answer_raw(send, status, json.dumps(content).encode(), headers)
+async def _answer(send: Send, status: int, content: dict, headers: list[tuple[bytes, bytes]] = ()) -> int:
+    return await _answer_raw(send, status, json.dumps(content).encode(), headers)
 
 
-async def _answer_raw(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _answer_raw(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> int:
     await send(
         {
             "type": "http.response.start",
@@ -141,3 +144,4 @@ async def _answer_raw(send: Send, status: int, body: bytes, headers: list[tuple[
         }
     )
     await send({"type": "http.response.body", "body": body})
+    return status
