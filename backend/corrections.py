@@ -156,12 +156,25 @@ class CorrectionStore:
 
     # ------------------------------------------------------------------------- fine-tune bookkeeping
     def start_training_round(self, project: int) -> int:
-        """Reset the N-trigger counter at the start of a fine-tune; returns how many changes it had."""
+        """Take the N-trigger counter at the start of a fine-tune (changes from now on count towards the next one);
+        returns how many changes it takes. `end_training_round` settles them; a round that never ended (its worker
+        was killed) is taken again by the next one."""
+        changed, taken = self._key(project, "changed"), self._key(project, "changed_in_round")
         with self.redis.pipeline() as pipe:
-            pipe.scard(self._key(project, "changed"))
-            pipe.delete(self._key(project, "changed"))
-            count, _ = pipe.execute()
+            pipe.sunionstore(taken, [taken, changed])
+            pipe.delete(changed)
+            pipe.scard(taken)
+            count = pipe.execute()[-1]
         return int(count)
+
+    def end_training_round(self, project: int, succeeded: bool) -> None:
+        """A fine-tune that failed gives its changes back to the N-trigger counter, so they still count."""
+        changed, taken = self._key(project, "changed"), self._key(project, "changed_in_round")
+        with self.redis.pipeline() as pipe:
+            if not succeeded:
+                pipe.sunionstore(changed, [changed, taken])
+            pipe.delete(taken)
+            pipe.execute()
 
     def record_finetune(self, project: int, **fields: Any) -> None:
         self.redis.hset(self._key(project, "meta"), mapping={f"finetune_{k}": str(v) for k, v in fields.items()})

@@ -58,12 +58,14 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
     try:
         summary = _finetune(ctx, project, store) | {"changes": changes, "reason": reason}
     except Exception as error:
+        store.end_training_round(project, succeeded=False)
         store.record_finetune(
             project, status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time()
         )
         raise
     finally:
         release_claim(ctx.redis, project)
+    store.end_training_round(project, succeeded=True)
     store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
     logger.info("project %s fine-tune finished in %.0f s: %s", project, time.time() - started, summary)
     return summary

@@ -81,6 +81,7 @@ def test_a_fine_tune_that_does_better_is_stored_and_served(worker_context, label
     summary = jobs.finetune(PROJECT, "start_training")
 
     assert summary["status"] == "served" and summary["examples"] == 6 and summary["steps"] == 3
+    assert summary["changes"] == 8 and worker_context.store.changed_count(PROJECT) == 0  # the next N start anew
     assert summary["parent"] == base.name and summary["reason"] == "start_training"
     assert 0.0 <= summary["miou"] <= 1.0 and 0.0 <= summary["parent_miou"] <= 1.0
     registry = worker_context.service.registry
@@ -126,6 +127,7 @@ def test_a_crash_during_training_leaves_no_version_and_frees_the_project(worker_
         store_correction(worker_context, label_studio, annotation_id, scene_regions())
     job_id, queued = request_finetune(worker_context.redis, worker_context.settings, PROJECT, "start_training")
     assert queued
+    assert worker_context.store.changed_count(PROJECT) == 3
 
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -142,6 +144,19 @@ def test_a_crash_during_training_leaves_no_version_and_frees_the_project(worker_
     assert meta["finetune_status"] == "failed" and "simulated" in meta["finetune_error"]
     _, queued_again = request_finetune(worker_context.redis, worker_context.settings, PROJECT, "start_training")
     assert queued_again  # the claim was released: the next trigger queues a new fine-tune
+    assert worker_context.store.changed_count(PROJECT) == 3  # the failed round gave its changes back
+
+
+def test_changes_taken_by_a_round_that_never_ended_count_in_the_next(worker_context, label_studio):
+    store = worker_context.store
+    for annotation_id in (1, 2):
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    assert store.start_training_round(PROJECT) == 2  # and then its worker was killed: no end_training_round
+    store_correction(worker_context, label_studio, 3, scene_regions())
+    assert store.changed_count(PROJECT) == 1
+    assert store.start_training_round(PROJECT) == 3
+    store.end_training_round(PROJECT, succeeded=True)
+    assert store.start_training_round(PROJECT) == 0
 
 
 def test_a_project_without_usable_corrections_is_skipped(worker_context, label_studio):
