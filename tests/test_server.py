@@ -258,6 +258,19 @@ def test_a_burst_of_webhooks_is_stored_in_few_jobs_each_answer_after_its_own(red
     assert first != second
 
 
+def test_webhook_refuses_other_methods_and_huge_bodies_and_is_counted(client, redis, monkeypatch):
+    from backend import webhooks
+
+    assert client.get("/webhook").status_code == 405
+    monkeypatch.setattr(webhooks, "MAX_BODY_BYTES", 100)
+    response = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}, "pad": "x" * 200})
+    assert response.status_code == 413 and Queue("events", connection=redis).count == 0
+    assert client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}}).status_code == 200
+    text = client.get("/metrics").text
+    assert 'xdls_requests_total{route="/webhook",status="413"} 1.0' in text
+    assert 'xdls_webhooks_total{action="PROJECT_UPDATED"}' in text
+
+
 def test_a_webhook_that_cannot_be_stored_is_a_503(settings):
     from redis import Redis
 
