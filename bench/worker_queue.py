@@ -170,8 +170,17 @@ def webhook_latency(settings: Settings, posts: int, bursts: int) -> dict:
 WARM_UP_PROJECT = 2
 
 
-def throughput(settings: Settings, stand_in: StandInLabelStudio, redis: Redis, tasks: int, workers: int) -> float:
-    """Seconds from enqueueing the project to the last prediction posted, with warm workers."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its threads so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(
+    settings: Settings, stand_in: StandInLabelStudio, redis: Redis, tasks: int, workers: int
+) -> tuple[float, float]:
+    """(seconds from enqueueing the project to the last prediction posted, with warm workers; cores the workers kept
+    busy on average meanwhile)."""
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "backend.cli", "--log-level", "WARNING", "worker", "--queues", "predict"]
     processes = [subprocess.Popen(command, env=env) for _ in range(workers)]
@@ -192,13 +201,14 @@ def throughput(settings: Settings, stand_in: StandInLabelStudio, redis: Redis, t
             time.sleep(0.05)
         stand_in.predictions.clear()
         redis.delete(*redis.keys("xdls:predicted:*"))
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), sum(cpu_seconds(process.pid) for process in processes)
         run = preannotate.start(settings, redis, 1, chunk_size=4)
         while len(stand_in.predictions) < tasks:
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        cores = (sum(cpu_seconds(process.pid) for process in processes) - cpu_before) / elapsed
         assert preannotate.watch(redis, run, poll_s=0.01).done == tasks
-        return elapsed
+        return elapsed, cores
     finally:
         for process in processes:
             process.kill()
@@ -258,10 +268,12 @@ def preannotation_speedup(
     for i in range(2):
         upload = stand_in.upload(f"w{i}.png", png(683, 512, seed=1000 + i), project=WARM_UP_PROJECT)
         stand_in.add_task(WARM_UP_PROJECT, {"image": upload})
-    ones, twos, model_ones, model_twos = [], [], [], []
+    ones, twos, model_ones, model_twos, one_cores, two_cores = [], [], [], [], [], []
     for _ in range(rounds):
-        ones.append(throughput(settings, stand_in, redis, tasks, workers=1))
-        twos.append(throughput(settings, stand_in, redis, tasks, workers=2))
+        for seconds, cores, workers in (ones, one_cores, 1), (twos, two_cores, 2):
+            elapsed, busy = throughput(settings, stand_in, redis, tasks, workers)
+            seconds.append(elapsed)
+            cores.append(busy)
         model_ones.append(forward_seconds(settings.checkpoint, tasks, processes=1))
         model_twos.append(forward_seconds(settings.checkpoint, tasks, processes=2))
     one, two = statistics.median(ones), statistics.median(twos)
@@ -272,6 +284,8 @@ def preannotation_speedup(
         "one_worker_tasks_per_s": tasks / one,
         "two_workers_tasks_per_s": tasks / two,
         "speedup": one / two,
+        "one_worker_cores_busy": statistics.median(one_cores),
+        "two_workers_cores_busy": statistics.median(two_cores),
         "model_only_one_process_s": statistics.median(model_ones),
         "model_only_two_processes_s": statistics.median(model_twos),
         "model_only_speedup": statistics.median(model_ones) / statistics.median(model_twos),
