@@ -164,11 +164,12 @@ class ModelService:
                 logger.error("task %s: no image URL in the fields %s", tasks[index].get("id"), _image_keys(spec))
                 if on_task is not None:
                     on_task(index, prediction_of(index))
-        queue = self._fetched([w for task_works in works for w in task_works], tasks)
+        images = [w for task_works in works for w in task_works]
+        fetches = _Prefetch(self._pool, self.fetcher.fetch, images, tasks, ahead=PREFETCH + self.settings.batch_size)
         processed = 0
         seconds_per_image = 0.0
-        while processed < len(queue):
-            batch = queue[processed : processed + self.settings.batch_size]
+        while processed < len(images):
+            batch = fetches.take(processed, self.settings.batch_size)
             if deadline is not None and self.clock() + seconds_per_image * len(batch) > deadline:
                 break
             started = self.clock()
@@ -181,8 +182,7 @@ class ModelService:
                 images_left[work.task_index] -= 1
                 if images_left[work.task_index] == 0 and on_task is not None:
                     on_task(work.task_index, prediction_of(work.task_index))
-        for _, future in queue[processed:]:
-            future.cancel()
+        fetches.cancel()
 
         outcome = PredictOutcome([])
         for index in range(len(tasks)):
@@ -217,16 +217,6 @@ class ModelService:
             if both == "brush":
                 return list(image.brush_controls)
         return list(image.controls)
-
-    def _fetched(self, works: list[_ImageWork], tasks) -> list[tuple[_ImageWork, Future]]:
-        """(work, future image) in order. Fetches start at once but run a few at a time (the pool's
-        size), so images arrive ahead of the model without all being held in memory."""
-        queue = []
-        for work in works:
-            task = tasks[work.task_index]
-            url = str((task.get("data") or {}).get(work.spec.data_key))
-            queue.append((work, self._pool.submit(self.fetcher.fetch, url, task.get("id"))))
-        return queue
 
     def _run(self, predictor: Predictor, group, tasks, progress: _Progress) -> None:
         ready = []
@@ -274,6 +264,31 @@ class _Progress:
 
 def _image_keys(spec: ProjectSpec) -> list[str]:
     return [image.data_key for image in spec.images]
+
+
+class _Prefetch:
+    """The images of `works`, fetched in order on `pool`, at most `ahead` of the one the model takes next: images
+    arrive before the model needs them, but a large selection is never all held in memory at once."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fetch, works: list[_ImageWork], tasks, ahead: int):
+        self._pool, self._fetch, self._works, self._tasks, self._ahead = pool, fetch, works, tasks, ahead
+        self._futures: list[Future] = []
+
+    def _start(self, work: _ImageWork) -> Future:
+        task = self._tasks[work.task_index]
+        return self._pool.submit(self._fetch, str((task.get("data") or {}).get(work.spec.data_key)), task.get("id"))
+
+    def take(self, start: int, count: int) -> list[tuple[_ImageWork, Future]]:
+        """(work, future image) for works start .. start + count - 1; fetches the next ones meanwhile."""
+        wanted = min(len(self._works), start + count + self._ahead)
+        self._futures += [self._start(work) for work in self._works[len(self._futures) : wanted]]
+        end = min(start + count, len(self._works))
+        return list(zip(self._works[start:end], self._futures[start:end], strict=True))
+
+    def cancel(self) -> None:
+        """Drop the fetches not taken (past a deadline)."""
+        for future in self._futures:
+            future.cancel()
 
 
 def _same_vocabulary(batch):

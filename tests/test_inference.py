@@ -125,3 +125,33 @@ def test_each_task_is_reported_as_soon_as_it_is_predicted(service, tasks, label_
     assert [p for _, p in sorted(reported, key=lambda r: r[0])] == outcome.predictions
     assert outcome.predictions[1].error is not None and outcome.predictions[3].error == "no_image"
     assert outcome.predictions[0].result and outcome.predictions[0].model_version == "tiny"
+
+
+def test_images_are_fetched_a_few_ahead_of_the_model_not_all_at_once(settings, label_studio):
+    from backend.images import ImageFetcher
+    from backend.inference import PREFETCH
+
+    class CountingFetcher(ImageFetcher):
+        started = 0
+
+        def fetch(self, url, task_id=None):
+            CountingFetcher.started += 1
+            return super().fetch(url, task_id)
+
+    service = ModelService(settings, fetcher=CountingFetcher(settings))
+    images = [label_studio.upload(f"ahead-{i}.png", png(32, 24, seed=i)) for i in range(12)]
+    tasks = [{"id": i, "data": {"image": image}} for i, image in enumerate(images)]
+    started_when_reported = {}
+    try:
+        outcome = service.predict(
+            tasks,
+            ProjectSpec.parse(CONFIG),
+            project=3,
+            on_task=lambda index, _: started_when_reported.setdefault(index, CountingFetcher.started),
+        )
+    finally:
+        service.close()
+    assert all(p.error is None for p in outcome.predictions) and CountingFetcher.started == 12
+    ahead = PREFETCH + settings.batch_size
+    assert all(started <= index + 1 + ahead for index, started in started_when_reported.items())
+    assert started_when_reported[0] < 12  # the last images were not fetched before the first was predicted
