@@ -168,6 +168,7 @@ def webhook_latency(settings: Settings, posts: int, bursts: int) -> dict:
 
 
 WARM_UP_PROJECT = 2
+WARM_UP_TASKS = 2  # one for each worker
 
 
 def cpu_seconds(pid: int) -> float:
@@ -192,12 +193,12 @@ def throughput(
             if time.monotonic() > deadline:
                 raise RuntimeError("the workers did not start")
             time.sleep(0.1)
-        # A first task for each worker, in another project with the same labels: its first forward pass and the
-        # class embeddings are behind it, as they are for a worker that has been running (the model-only runs
-        # below warm up the same way). One-time costs would otherwise weigh on a short run with two workers
-        # as much as with one.
+        # Warm-up tasks in another project with the same labels, one for each of two workers (a single worker does
+        # both, and both are done before the clock starts): each worker's first forward pass and class embeddings
+        # are behind it, as for a worker that has been running (the model-only runs below warm up the same way).
+        # One-time costs would otherwise weigh on a short run with two workers as much as with one.
         preannotate.start(settings, redis, WARM_UP_PROJECT, chunk_size=1)
-        while len(stand_in.predictions) < workers:
+        while len(stand_in.predictions) < WARM_UP_TASKS:
             time.sleep(0.05)
         stand_in.predictions.clear()
         redis.delete(*redis.keys("xdls:predicted:*"))
@@ -234,7 +235,7 @@ def _forward_images(checkpoint: str, seeds: list[int], ready, go, done) -> None:
     done.put(None)
 
 
-def forward_seconds(checkpoint: Path, tasks: int, processes: int) -> float:
+def forward_seconds(checkpoint: str, tasks: int, processes: int) -> float:
     """Seconds `processes` plain processes take to segment `tasks` images between them: the model alone, no
     queue, no HTTP, no Redis. What two processes gain over one here is what this machine allows two workers."""
     spawn = multiprocessing.get_context("spawn")
@@ -265,7 +266,7 @@ def preannotation_speedup(
     for i in range(tasks):
         stand_in.add_task(1, {"image": stand_in.upload(f"b{i}.png", png(683, 512, seed=i))})
     stand_in.add_project(WARM_UP_PROJECT, CONFIG)
-    for i in range(2):
+    for i in range(WARM_UP_TASKS):
         upload = stand_in.upload(f"w{i}.png", png(683, 512, seed=1000 + i), project=WARM_UP_PROJECT)
         stand_in.add_task(WARM_UP_PROJECT, {"image": upload})
     ones, twos, model_ones, model_twos, one_cores, two_cores = [], [], [], [], [], []
