@@ -90,8 +90,9 @@ class CorrectionStore:
         with self.redis.pipeline() as pipe:
             pipe.hdel(self._key(project, "corrections"), *annotation_ids)
             pipe.hdel(self._key(project, "excluded"), *annotation_ids)
-            pipe.srem(self._key(project, "changed"), *annotation_ids)
-            removed, _, _ = pipe.execute()
+            for counter in ("changed", "changed_in_round"):  # a failed round must not give these back
+                pipe.srem(self._key(project, counter), *annotation_ids)
+            removed = pipe.execute()[0]
         return int(removed)
 
     def set_unusable(self, project: int, annotation_id: int, reason: str | None) -> None:
@@ -108,7 +109,8 @@ class CorrectionStore:
         with self.redis.pipeline() as pipe:
             pipe.sadd(PROJECTS, project)
             pipe.hdel(self._key(project, "corrections"), annotation_id)
-            pipe.srem(self._key(project, "changed"), annotation_id)
+            for counter in ("changed", "changed_in_round"):
+                pipe.srem(self._key(project, counter), annotation_id)
             pipe.hset(self._key(project, "excluded"), annotation_id, record)
             pipe.execute()
 

@@ -63,10 +63,11 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
             project, status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time()
         )
         raise
+    else:
+        store.end_training_round(project, succeeded=True)
+        store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
     finally:
-        release_claim(ctx.redis, project)
-    store.end_training_round(project, succeeded=True)
-    store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
+        release_claim(ctx.redis, project)  # last: the next fine-tune may start as soon as it is released
     logger.info("project %s fine-tune finished in %.0f s: %s", project, time.time() - started, summary)
     return summary
 

@@ -35,7 +35,7 @@ from .versions import ModelVersion, VersionRegistry
 
 logger = logging.getLogger(__name__)
 
-PREFETCH = 4  # images fetched ahead of the model
+PREFETCH = 4  # threads fetching images; a batch's images are fetched while the model works on the batch before
 MAX_LOADED_VERSIONS = 3  # fine-tuned versions kept in memory besides the base
 
 
@@ -144,7 +144,7 @@ class ModelService:
         segmented. deadline: a time.monotonic() after which no new task is started; tasks left over
         are listed in `unfinished` and get "/pending" placeholders. on_task(index, prediction): called
         as soon as a task's prediction is made (or has failed), while the model goes on with the next
-        tasks, whose images are fetched ahead meanwhile.
+        tasks, whose images are fetched ahead meanwhile; not called for tasks the deadline left over.
         """
         version = self.current_version(project)
         predictor = self.predictor(version)
@@ -169,9 +169,10 @@ class ModelService:
         processed = 0
         seconds_per_image = 0.0
         while processed < len(images):
-            batch = fetches.take(processed, self.settings.batch_size)
-            if deadline is not None and self.clock() + seconds_per_image * len(batch) > deadline:
+            batch_size = min(self.settings.batch_size, len(images) - processed)
+            if deadline is not None and self.clock() + seconds_per_image * batch_size > deadline:
                 break
+            batch = fetches.take(processed, batch_size)
             started = self.clock()
             for group in _same_vocabulary(batch):
                 self._run(predictor, group, tasks, progress)
@@ -267,28 +268,32 @@ def _image_keys(spec: ProjectSpec) -> list[str]:
 
 
 class _Prefetch:
-    """The images of `works`, fetched in order on `pool`, at most `ahead` of the one the model takes next: images
-    arrive before the model needs them, but a large selection is never all held in memory at once."""
+    """The images of `works`, fetched in order on `pool`, at most `ahead` past the last one taken: images arrive
+    before the model needs them, and only those (and the ones being worked on) are held in memory."""
 
     def __init__(self, pool: ThreadPoolExecutor, fetch, works: list[_ImageWork], tasks, ahead: int):
         self._pool, self._fetch, self._works, self._tasks, self._ahead = pool, fetch, works, tasks, ahead
-        self._futures: list[Future] = []
+        self._waiting: dict[int, Future] = {}  # fetches started and not taken yet, by position in `works`
+        self._started = 0
 
     def _start(self, work: _ImageWork) -> Future:
         task = self._tasks[work.task_index]
         return self._pool.submit(self._fetch, str((task.get("data") or {}).get(work.spec.data_key)), task.get("id"))
 
     def take(self, start: int, count: int) -> list[tuple[_ImageWork, Future]]:
-        """(work, future image) for works start .. start + count - 1; fetches the next ones meanwhile."""
-        wanted = min(len(self._works), start + count + self._ahead)
-        self._futures += [self._start(work) for work in self._works[len(self._futures) : wanted]]
+        """(work, future image) for works start .. start + count - 1, which are then no longer held here; starts
+        the fetches of the next ones."""
+        for index in range(self._started, min(len(self._works), start + count + self._ahead)):
+            self._waiting[index] = self._start(self._works[index])
+        self._started = max(self._started, min(len(self._works), start + count + self._ahead))
         end = min(start + count, len(self._works))
-        return list(zip(self._works[start:end], self._futures[start:end], strict=True))
+        return [(self._works[index], self._waiting.pop(index)) for index in range(start, end)]
 
     def cancel(self) -> None:
         """Drop the fetches not taken (past a deadline)."""
-        for future in self._futures:
+        for future in self._waiting.values():
             future.cancel()
+        self._waiting.clear()
 
 
 def _same_vocabulary(batch):

@@ -126,8 +126,9 @@ def apply_events(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
     """Apply a batch of stored webhooks in the order they arrived (the server stores a burst as one job).
 
     An event that raises is queued again as its own `apply_event` job, with the events queue's retries, so that
-    it does not hold back the others; if even that fails (Redis is gone), the whole batch fails and is retried,
-    which applying events again makes harmless.
+    it does not hold back the others (it is then applied after them). If even that fails (Redis is gone), the
+    whole batch fails and is retried: annotation upserts and deletions are idempotent, a START_TRAINING folds into
+    the fine-tune it already queued, and only the counters of ignored and rejected events count twice.
     """
     from .queues import EVENTS, enqueue
 
@@ -188,7 +189,7 @@ def predict_chunk(
 
     def post(task_id: int, prediction) -> None:
         api.create_prediction(project, task_id, prediction.result, prediction.score, prediction.model_version)
-        progress.mark_predicted(project, version.name, task_id)
+        progress.mark_predicted(project, prediction.model_version, task_id)
         progress.add(done=1)
 
     # Label Studio is asked about every task of the chunk at once, the model fetches each image while it works on

@@ -69,6 +69,21 @@ class RequestMetrics:
             metrics.observe_request(scope["path"], status_code, time.perf_counter() - started)
 
 
+_frozen = False
+
+
+def _freeze_what_is_loaded() -> None:
+    """Keep everything loaded at start (torch, the model, the libraries), which lives as long as the process, out of
+    the garbage collector's full passes. A full pass over it takes 0.2-0.3 s here (340,000 objects), and one can fall
+    in the middle of a burst of webhooks or a health check. Once per process, after collecting what is already
+    garbage."""
+    global _frozen
+    if not _frozen:
+        gc.collect()
+        gc.freeze()
+        _frozen = True
+
+
 def create_app(
     settings: Settings | None = None,
     service: ModelService | None = None,
@@ -83,10 +98,7 @@ def create_app(
         app.state.service = service or await run_in_threadpool(ModelService, settings)
         app.state.redis = redis or connect(settings)
         app.state.webhooks = WebhookInbox(app.state.redis)
-        # Everything loaded so far (torch, the model, the libraries) lives as long as the process: keep it out of
-        # the garbage collector's full passes. A full pass over it takes 0.2-0.3 s here (340,000 objects), and one
-        # can fall in the middle of a burst of webhooks or a health check.
-        gc.freeze()
+        _freeze_what_is_loaded()
         yield
         if service is None:
             app.state.service.close()

@@ -56,6 +56,7 @@ class WebhookInbox:
         return await stored
 
     async def _write_pending(self) -> None:
+        batch: list[tuple[dict, asyncio.Future]] = []
         try:
             first = True
             while self._pending:
@@ -77,6 +78,10 @@ class WebhookInbox:
                         stored.set_result(job.id)
         finally:
             self._writer = None
+            # Cancelled (the server is shutting down): no request may wait for a write that will not come.
+            for _, stored in [*batch, *self._pending]:
+                if not stored.done():
+                    stored.set_exception(RuntimeError("the server stopped before the event was stored"))
 
 
 class WebhookRoute:

@@ -193,10 +193,11 @@ def throughput(
             if time.monotonic() > deadline:
                 raise RuntimeError("the workers did not start")
             time.sleep(0.1)
-        # Warm-up tasks in another project with the same labels, one for each of two workers (a single worker does
-        # both, and both are done before the clock starts): each worker's first forward pass and class embeddings
-        # are behind it, as for a worker that has been running (the model-only runs below warm up the same way).
-        # One-time costs would otherwise weigh on a short run with two workers as much as with one.
+        # Two warm-up tasks in another project with the same labels, one chunk each, done before the clock starts.
+        # Two idle workers each take one (a blocked dequeue is served first come, first served), so each worker's
+        # first forward pass and class embeddings are behind it, as for a worker that has been running (the
+        # model-only runs below warm up the same way). One-time costs would otherwise weigh on a short run with two
+        # workers as much as with one.
         preannotate.start(settings, redis, WARM_UP_PROJECT, chunk_size=1)
         while len(stand_in.predictions) < WARM_UP_TASKS:
             time.sleep(0.05)

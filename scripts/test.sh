@@ -10,7 +10,8 @@ LABEL_STUDIO_VERSION=1.23.2
 
 bash scripts/setup.sh test
 if [ -z "${XDECODER_E2E_LABEL_STUDIO:-}" ]; then
-    if ! .venv-labelstudio/bin/python -m pip show label-studio 2>/dev/null | grep -qx "Version: $LABEL_STUDIO_VERSION"; then
+    installed=$(.venv-labelstudio/bin/python -m pip show label-studio 2>/dev/null | sed -n 's/^Version: //p' || true)
+    if [ "$installed" != "$LABEL_STUDIO_VERSION" ]; then
         "$PYTHON" -m venv .venv-labelstudio
         .venv-labelstudio/bin/python -m pip install --quiet --upgrade pip
         .venv-labelstudio/bin/python -m pip install --quiet "label-studio==$LABEL_STUDIO_VERSION"

@@ -158,6 +158,13 @@ def test_changes_taken_by_a_round_that_never_ended_count_in_the_next(worker_cont
     store.end_training_round(PROJECT, succeeded=True)
     assert store.start_training_round(PROJECT) == 0
 
+    store_correction(worker_context, label_studio, 4, scene_regions())
+    store_correction(worker_context, label_studio, 5, scene_regions())
+    assert store.start_training_round(PROJECT) == 2
+    store.delete(PROJECT, [4])  # deleted while the round ran: a failed round must not give it back
+    store.end_training_round(PROJECT, succeeded=False)
+    assert store.changed_count(PROJECT) == 1
+
 
 def test_a_project_without_usable_corrections_is_skipped(worker_context, label_studio):
     store_correction(worker_context, label_studio, 1, scene_regions(label_of_box="Tree"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -133,21 +134,27 @@ def test_images_are_fetched_a_few_ahead_of_the_model_not_all_at_once(settings, l
 
     class CountingFetcher(ImageFetcher):
         started = 0
+        images: list[weakref.ref] = []
 
         def fetch(self, url, task_id=None):
             CountingFetcher.started += 1
-            return super().fetch(url, task_id)
+            image = super().fetch(url, task_id)
+            CountingFetcher.images.append(weakref.ref(image))
+            return image
 
     service = ModelService(settings, fetcher=CountingFetcher(settings))
     images = [label_studio.upload(f"ahead-{i}.png", png(32, 24, seed=i)) for i in range(12)]
     tasks = [{"id": i, "data": {"image": image}} for i, image in enumerate(images)]
-    started_when_reported = {}
+    started_when_reported, held_when_reported = {}, {}
     try:
         outcome = service.predict(
             tasks,
             ProjectSpec.parse(CONFIG),
             project=3,
-            on_task=lambda index, _: started_when_reported.setdefault(index, CountingFetcher.started),
+            on_task=lambda index, _: (
+                started_when_reported.setdefault(index, CountingFetcher.started),
+                held_when_reported.setdefault(index, sum(ref() is not None for ref in CountingFetcher.images)),
+            ),
         )
     finally:
         service.close()
@@ -155,3 +162,5 @@ def test_images_are_fetched_a_few_ahead_of_the_model_not_all_at_once(settings, l
     ahead = PREFETCH + settings.batch_size
     assert all(started <= index + 1 + ahead for index, started in started_when_reported.items())
     assert started_when_reported[0] < 12  # the last images were not fetched before the first was predicted
+    # Images the model is done with are let go: only the ones fetched ahead and the current batch stay in memory.
+    assert max(held_when_reported.values()) <= ahead + settings.batch_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from pydantic import SecretStr
 from rq import Queue
 
+from backend import metrics
 from backend.brush import rle_to_mask
 from backend.label_config import ProjectSpec
 from backend.server import create_app
@@ -254,21 +256,38 @@ def test_a_burst_of_webhooks_is_stored_in_few_jobs_each_answer_after_its_own(red
     async def one_after_the_other() -> list[str]:
         return [await inbox.store({"action": "PROJECT_UPDATED"}), await inbox.store({"action": "PROJECT_UPDATED"})]
 
-    first, second = asyncio.run(one_after_the_other())  # a lone event is written at once, not held for company
+    first, second = asyncio.run(one_after_the_other())
     assert first != second
+
+
+def test_a_lone_webhook_is_written_at_once_not_held_for_company(redis, monkeypatch):
+    from backend import webhooks
+
+    monkeypatch.setattr(webhooks, "BURST_GATHER_S", 5.0)
+    inbox = WebhookInbox(redis)
+
+    async def one_after_the_other() -> float:
+        started = time.perf_counter()
+        for _ in range(3):
+            await inbox.store({"action": "PROJECT_UPDATED"})
+        return time.perf_counter() - started
+
+    assert asyncio.run(one_after_the_other()) < 2.0
 
 
 def test_webhook_refuses_other_methods_and_huge_bodies_and_is_counted(client, redis, monkeypatch):
     from backend import webhooks
 
+    stored_before = metrics.WEBHOOKS.labels(action="PROJECT_UPDATED")._value.get()
+    refused_before = metrics.REQUESTS.labels(route="/webhook", status="413")._value.get()
     assert client.get("/webhook").status_code == 405
     monkeypatch.setattr(webhooks, "MAX_BODY_BYTES", 100)
     response = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}, "pad": "x" * 200})
     assert response.status_code == 413 and Queue("events", connection=redis).count == 0
     assert client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}}).status_code == 200
     text = client.get("/metrics").text
-    assert 'xdls_requests_total{route="/webhook",status="413"} 1.0' in text
-    assert 'xdls_webhooks_total{action="PROJECT_UPDATED"}' in text
+    assert f'xdls_requests_total{{route="/webhook",status="413"}} {refused_before + 1}' in text
+    assert f'xdls_webhooks_total{{action="PROJECT_UPDATED"}} {stored_before + 1}' in text
 
 
 def test_a_webhook_that_cannot_be_stored_is_a_503(settings):
