@@ -285,7 +285,7 @@ class _Prefetch:
         the fetches of the next ones."""
         for index in range(self._started, min(len(self._works), start + count + self._ahead)):
             self._waiting[index] = self._start(self._works[index])
-        self._started = max(self._started, min(len(self._works), start + count + self._ahead))
+            self._started = index + 1
         end = min(start + count, len(self._works))
         return [(self._works[index], self._waiting.pop(index)) for index in range(start, end)]
 

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import metrics
 from .inference import ModelService
 from .label_config import LabelConfigError, ProjectSpec
-from .queues import EVENTS, PREDICT, connect, enqueue
+from .queues import PREDICT, connect, enqueue
 from .schemas import PredictRequest, SetupRequest, TrainRequest
 from .settings import Settings, get_settings
 from .versions import project_id
@@ -88,9 +88,9 @@ def create_app(
     settings: Settings | None = None,
     service: ModelService | None = None,
     redis: Redis | None = None,
-) -> WebhookRoute:
-    """The ASGI app: the FastAPI app behind the /webhook route. `service` and `redis` default to ones built from
-    `settings` at startup."""
+) -> ASGIApp:
+    """The ASGI app: request metrics, then the /webhook route, then the FastAPI app. `service` and `redis` default
+    to ones built from `settings` at startup."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -117,8 +117,6 @@ def create_app(
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "basic authentication required", {"WWW-Authenticate": "Basic"}
             )
-
-    app.add_middleware(RequestMetrics)
 
     @app.exception_handler(LabelConfigError)
     async def label_config_error(request: Request, error: LabelConfigError):
@@ -184,8 +182,7 @@ def create_app(
             "project": {"id": project_id(payload.project), "label_config": payload.label_config},
             "tasks": payload.annotations,
         }
-        job = await run_in_threadpool(enqueue, request.app.state.redis, EVENTS, "backend.jobs.apply_event", event)
-        return {"status": "ok", "job": job.id}
+        return {"status": "ok", "job": await request.app.state.webhooks.store(event)}
 
     @app.get("/versions", dependencies=[Depends(require_auth)])
     async def versions(request: Request) -> dict:
@@ -197,4 +194,4 @@ def create_app(
         body, content_type = metrics.render(request.app.state.redis)
         return PlainTextResponse(body, media_type=content_type)
 
-    return WebhookRoute(app)
+    return RequestMetrics(WebhookRoute(app))  # outermost: every route is counted and timed, /webhook included

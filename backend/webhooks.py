@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -85,7 +84,8 @@ class WebhookInbox:
 
 
 class WebhookRoute:
-    """The outermost ASGI layer: answers POST /webhook itself, hands everything else to the FastAPI `app`.
+    """In front of the FastAPI app (only the request metrics come first): answers POST /webhook itself, hands
+    everything else to `app`.
 
     The inbox is the one the app's lifespan puts on `app.state.webhooks`.
     """
@@ -95,13 +95,7 @@ class WebhookRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH:
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = await self._handle(scope, receive, send)
-        metrics.observe_request(PATH, status, time.perf_counter() - started)
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+            return await self.app(scope, receive, send)
         if scope["method"] != "POST":
             return await _answer(send, 405, {"detail": "Method Not Allowed"}, [(b"allow", b"POST")])
         body = await _read_body(receive)
@@ -136,11 +130,11 @@ async def _read_body(receive: Receive) -> bytes | None:
     return b"".join(chunks)
 
 
-async def _answer(send: Send, status: int, content: dict, headers: list[tuple[bytes, bytes]] = ()) -> int:
-    return await _answer_raw(send, status, json.dumps(content).encode(), headers)
+async def _answer(send: Send, status: int, content: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    await _answer_raw(send, status, json.dumps(content).encode(), headers)
 
 
-async def _answer_raw(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> int:
+async def _answer_raw(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -149,4 +143,3 @@ async def _answer_raw(send: Send, status: int, body: bytes, headers: list[tuple[
         }
     )
     await send({"type": "http.response.body", "body": body})
-    return status

@@ -232,6 +232,15 @@ def test_malformed_webhooks_are_4xx_and_not_stored(client, redis, body):
     assert Queue("events", connection=redis).count == 0
 
 
+def test_the_older_train_call_is_stored_like_a_start_training_webhook(client, redis):
+    response = client.post("/train", json={"project": "3.1795397442", "annotations": [], "label_config": POLYGONS})
+    assert response.status_code == 200
+    job = Queue("events", connection=redis).fetch_job(response.json()["job"])
+    (event,) = job.args[0]
+    assert job.func_name == "backend.jobs.apply_events"
+    assert event["action"] == "START_TRAINING" and event["project"] == {"id": 3, "label_config": POLYGONS}
+
+
 def test_a_burst_of_webhooks_is_stored_in_few_jobs_each_answer_after_its_own(redis):
     inbox = WebhookInbox(redis)
     stored_before_answer = []
