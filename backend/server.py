@@ -4,7 +4,7 @@
     POST /setup            the project's model version (3 s; called before every batch prediction)
     POST /predict          one result per task, in order (100 s for the whole selection)
     POST /webhook          annotation events, stored in Redis before we answer (1 s, inside the save;
-                           the outermost ASGI layer, see backend/webhooks.py)
+                           in front of the FastAPI app, see backend/webhooks.py)
     POST /train            Label Studio's older training call, handled like START_TRAINING
     GET  /versions         model versions
     GET  /metrics          Prometheus metrics

@@ -3,8 +3,9 @@
 Label Studio sends webhooks inside the annotator's save, synchronously, with a 1 s timeout, and a bulk action
 sends hundreds at once. Two things keep every answer fast under such a burst:
 
-- The route is the outermost ASGI layer, in front of the FastAPI app: FastAPI's middleware, routing, dependency
-  and response machinery cost more per request than the rest of the acknowledgement together.
+- The route is a plain ASGI layer in front of the FastAPI app (only the request metrics come first): FastAPI's
+  middleware, routing, dependency and response machinery cost more per request than the rest of the
+  acknowledgement together.
 - Events are stored in batches. The first event after a quiet moment is written at once; events that arrive while
   a write is under way wait for it to end and are then written together, as ONE job of the `events` queue
   (`backend.jobs.apply_events`, which applies them in order). Each request is answered only when the batch that

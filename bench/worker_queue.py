@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import uvloop  # noqa: E402
 from redis import Redis  # noqa: E402
-from rq import Worker  # noqa: E402
+from rq import Queue, Worker  # noqa: E402
 
 from backend import preannotate  # noqa: E402
 from backend.queues import EmbeddedRedis  # noqa: E402
@@ -145,7 +145,11 @@ def webhook_latency(settings: Settings, posts: int, bursts: int) -> dict:
             server.wait(timeout=30)
 
     serve = [sys.executable, "-m", "backend.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1"]
+    events = Queue("events", connection=Redis.from_url(settings.redis_url))
+    jobs_before = events.count
     one_at_a_time, all_at_once = measure(serve, free_port())
+    # Every post one at a time is a job of its own (nothing else is waiting); the bursts share the rest.
+    jobs_per_burst = (events.count - jobs_before - 10 - posts) / bursts
     bare = [sys.executable, "-m", "uvicorn", "bench.worker_queue:bare_app", "--log-level", "warning", "--host"]
     _, bare_all_at_once = measure([*bare, "127.0.0.1"], free_port())
 
@@ -163,6 +167,7 @@ def webhook_latency(settings: Settings, posts: int, bursts: int) -> dict:
         "webhook_worst_burst_p99_ms": max(percentile(run, 0.99) for run in all_at_once),
         "webhook_sequential_p50_ms": percentile(one_at_a_time, 0.5),
         "webhook_sequential_p99_ms": percentile(one_at_a_time, 0.99),
+        "webhook_jobs_per_burst": jobs_per_burst,
         "bare_uvicorn_p99_ms": median_of_bursts(bare_all_at_once, 0.99),
     }
 
