@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     batch_size: int = env("XDECODER_BATCH_SIZE", 1, ge=1)
 
     # --- results
-    polygon_tolerance_px: float = env("XDECODER_POLYGON_TOLERANCE", 1.0, ge=0)
+    polygon_tolerance_px: float = env("XDECODER_POLYGON_TOLERANCE", 0.75, ge=0)
     polygon_max_points: int = env("XDECODER_POLYGON_MAX_POINTS", 256, ge=4)
     polygon_min_area_px: float = env("XDECODER_POLYGON_MIN_AREA", 64.0, ge=0)
     polygon_keep_holes: bool = env("XDECODER_POLYGON_HOLES", True)

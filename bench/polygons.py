@@ -150,7 +150,10 @@ def main() -> None:
         )
 
     label_map = panoptic_map(QUALITY_MEGAPIXELS)
-    print(f"\npoints-per-polygon budget vs region IoU, {label_map.shape[1]}x{label_map.shape[0]}, tolerance 1 px")
+    print(
+        f"\npoints-per-polygon budget vs region IoU, {label_map.shape[1]}x{label_map.shape[0]}, "
+        f"tolerance {PolygonOptions().tolerance_px:g} px"
+    )
     mean_iou, min_iou, total_points, defect = {}, {}, {}, {}
     for name, budget in BUDGETS.items():
         polygons = label_map_polygons(label_map, PolygonOptions(max_points=budget))

@@ -20,6 +20,7 @@ from backend.polygons import (
     Polygon,
     PolygonOptions,
     _parts,
+    _simplify,
     _trace_rings,
     label_map_polygons,
     mask_polygons,
@@ -52,6 +53,13 @@ def pil_fill(points: list[tuple[float, float]], height: int, width: int, supersa
     ImageDraw.Draw(image).polygon([(x * supersampling, y * supersampling) for x, y in points], fill=1)
     blocks = np.asarray(image).reshape(height, supersampling, width, supersampling)
     return blocks.mean(axis=(1, 3)) > 0.5
+
+
+def near_ring(points: list[tuple[float, float]], height: int, width: int, distance: float) -> np.ndarray:
+    """[H, W] bool: pixels whose centre is within `distance` of an edge of the ring (cuts of keyholes included)."""
+    columns, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    ring = shapely.LineString([*points, points[0]])
+    return shapely.dwithin(ring, shapely.points(columns, rows), distance)
 
 
 def shoelace_area(points: list[tuple[float, float]]) -> float:
@@ -187,12 +195,14 @@ def test_any_label_map_stays_an_exact_coverage(label_map):
 @given(noise_label_maps())
 def test_traced_parts_are_valid_polygons_forming_a_coverage(label_map):
     # Saddles, holes touching their outer ring at a corner, parts touching at a corner, void: all must give valid
-    # polygons, or coverage simplification has nothing sound to work on.
-    parts, labels = _parts(_trace_rings(label_map, np.uint8), min_area_px=0)
-    assert shapely.is_valid(parts).all()
-    assert shapely.coverage_is_valid(parts)
-    assert shapely.area(parts).sum() == np.count_nonzero(label_map)
-    assert sorted(set(labels)) == sorted(set(np.unique(label_map)) - {0})
+    # polygons, put back together from their border pieces, or simplification has nothing sound to work on.
+    rings = _trace_rings(label_map, np.uint8)
+    parts = _parts(rings, min_area_px=0)
+    traced = _simplify(rings, parts, EXACT)
+    assert shapely.is_valid(traced).all()
+    assert shapely.coverage_is_valid(traced)
+    assert shapely.area(traced).sum() == np.count_nonzero(label_map)
+    assert sorted(set(parts.labels)) == sorted(set(np.unique(label_map)) - {0})
 
 
 @settings(max_examples=40, deadline=None)
@@ -229,10 +239,14 @@ def test_keyhole_ring_fills_part_minus_holes(mask):
     for polygon in mask_polygons(mask):
         part = matching_part(polygon, parts, height, width)
         if part.sum() >= 2000:
-            assert shapely.Polygon(polygon.points).area == pytest.approx(part.sum(), rel=0.01)
+            area = shapely.Polygon(polygon.points).area
+            assert area == pytest.approx(part.sum(), rel=0.01)
             drawing = drawn(polygon, height, width)
-            assert drawing.sum() == pytest.approx(part.sum(), rel=0.01)
-            assert iou(pil_fill(polygon.points, height, width), drawing) >= 0.98
+            assert drawing.sum() == pytest.approx(area, rel=0.01)
+            # Pixels whose centre is on or near an edge go either way depending on the rule; all others, holes
+            # included, are filled alike by the pixel-centre rule and by a canvas.
+            away = ~near_ring(polygon.points, height, width, distance=0.5)
+            np.testing.assert_array_equal(pil_fill(polygon.points, height, width)[away], drawing[away])
 
 
 @settings(max_examples=40, deadline=None)
