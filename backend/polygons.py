@@ -262,14 +262,18 @@ def _fit_budget(part: shapely.Polygon, options: PolygonOptions) -> shapely.Polyg
     x_min, y_min, x_max, y_max = part.bounds
     diagonal = float(np.hypot(x_max - x_min, y_max - y_min))
     tolerance = options.tolerance_px
-    simple = shapely.coverage_simplify(shapely.Polygon(part.exterior, holes), tolerance)
+
+    def simplified() -> shapely.Polygon:
+        return shapely.coverage_simplify(shapely.Polygon(part.exterior, holes), tolerance)
+
+    simple = simplified()
     while _ring_points(simple) > options.max_points and tolerance < diagonal:
         tolerance = max(LEVEL_STEP * tolerance, 1.0)
         holes = [ring for ring in holes if shapely.Polygon(ring).area >= tolerance**2]
-        simple = shapely.coverage_simplify(shapely.Polygon(part.exterior, holes), tolerance)
+        simple = simplified()
     while _ring_points(simple) > options.max_points and holes:
         holes.pop()
-        simple = shapely.coverage_simplify(shapely.Polygon(part.exterior, holes), tolerance)
+        simple = simplified()
     return simple
 
 
