@@ -23,7 +23,8 @@ How a label map becomes polygons (`label_map_polygons`):
 3. Simplify. The parts form an exact polygonal coverage. Each ring is cut at the corners where three or more
    borders meet, into border pieces that each separate the same two parts all along; each piece is simplified once
    (Douglas-Peucker, `shapely.simplify`, its ends fixed) and both rings along it use the result, so neighbours keep
-   sharing their borders exactly: no gaps, no overlaps. Simplifying each region on its own would move the two
+   sharing their borders exactly: no gaps, no overlaps. Small or thin parts, which have much border for their
+   area, have their borders simplified less. Simplifying each region on its own would move the two
    copies of a shared border differently. (`shapely.coverage_simplify` gives the same guarantee, but it finds the
    shared edges again, which the trace already knows, and took twice as long as all the rest together.) A part
    that comes out crossing itself (a sliver whose two sides moved towards each other) is redone less simplified.
@@ -50,8 +51,15 @@ MIN_POINTS_PER_HOLE = 5
 # little (Douglas-Peucker on those parts' borders), and small steps leave parts closer to their budget: at 2 MP,
 # budget 256, 1.25 kept 5,050 points and a mean IoU of 0.993 where 2 kept 3,357 and 0.991 (bench/polygons.py).
 LEVEL_STEP = 1.25
+# Douglas-Peucker at tolerance t moves up to about AREA_MOVED_PER_TOLERANCE * t px² of area (gained or lost) per px
+# of traced border: (1 - IoU) * A / (t * P) was 0.24 at most over 1,535 parts of 400+ px of model-like maps
+# (tests/test_polygons.py's generator, seeds 0-399). So a part of area A and traced perimeter P keeps an IoU of
+# about 1 - MAX_AREA_MOVED at a tolerance of at most MAX_AREA_MOVED * A / (AREA_MOVED_PER_TOLERANCE * P).
+AREA_MOVED_PER_TOLERANCE = 0.25
+MAX_AREA_MOVED = 0.03
 # Candidate cuts tried per hole before settling for the shortest one even if it crosses something.
 CUT_CANDIDATES = 64
+CUTS_TESTED_AT_ONCE = 8
 
 
 @dataclass(frozen=True)
@@ -126,13 +134,14 @@ def to_percent(points, width: int, height: int) -> list[list[float]]:
 def _polygons(labels: np.ndarray, dtype: type, options: PolygonOptions) -> list[Polygon]:
     rings = _trace_rings(labels, dtype)
     parts = _parts(rings, options.min_area_px)
-    geometry = _simplify(rings, parts, options)
+    # Holes turn the other way from the outer ring, so that their area subtracts in a keyhole ring.
+    geometry = shapely.orient_polygons(_simplify(rings, parts, options))
     areas = shapely.area(geometry)
+    points = _outer_rings(geometry)
+    for index in np.flatnonzero(shapely.get_num_interior_rings(geometry)):
+        points[index] = _keyhole_ring(geometry[index])
     order = np.lexsort((-areas, parts.labels))
-    return [
-        Polygon(points=_keyhole_ring(geometry[i]), area_px=float(areas[i]), region_id=int(parts.labels[i]))
-        for i in order
-    ]
+    return [Polygon(points=points[i], area_px=float(areas[i]), region_id=int(parts.labels[i])) for i in order]
 
 
 def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarray:
@@ -142,8 +151,10 @@ def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarr
     along it use the result, so neighbours keep sharing their borders exactly. Levels: 0 is the traced border,
     1 `options.tolerance_px`, each further level LEVEL_STEP times the last (at least 1 px). Every part starts at
     level 1; a part over the point budget goes one level up, and a border takes the level of the more demanding
-    part along it, so a part never has more points than at its own level. Points count as in the final ring, with
-    the holes kept at that level (see `_drawn_rings`); the others are filled, although the parts inside them stay.
+    part along it, so a part never has more points than at its own level. At level 1, a border is simplified at
+    most at the tolerance the smallest or thinnest part along it can afford (see MAX_AREA_MOVED). Points count as
+    in the final ring, with the holes kept at that level (see `_drawn_rings`); the others are filled, although the
+    parts inside them stay.
 
     Douglas-Peucker may make a thin part cross itself. Such a part has the borders of its rings taken one level
     down, and again, until it is valid (at level 0 it is as traced, and valid). Parts that no level brings within
@@ -162,24 +173,32 @@ def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarr
     tolerances = np.array(tolerances)
     top_level = len(tolerances) - 1
 
+    occurrence_border = borders.occurrence_border[drawn_occurrence]
+    occurrence_part = occurrence_part[drawn_occurrence]
+    # A small or thin part has much border for its area: on borders that no part along them needs simplified
+    # harder for its budget, it caps the tolerance at what it can afford.
+    perimeter = np.bincount(occurrence_part, shapely.length(borders.lines)[occurrence_border], part_count)
+    affordable = MAX_AREA_MOVED * parts.areas / (AREA_MOVED_PER_TOLERANCE * perimeter)
+    first_level_tolerance = np.full(len(borders.lines), tolerances[1])
+    np.minimum.at(first_level_tolerance, occurrence_border, affordable[occurrence_part])
+
     simplified = borders.lines.copy()
     simplified_level = np.zeros(len(simplified), np.intp)
+    simplified_tolerance = np.zeros(len(simplified))
     ceiling = np.full(len(simplified), top_level)
 
     def simplify_borders(part_level: np.ndarray) -> None:
         wanted = np.zeros(len(simplified), np.intp)
-        np.maximum.at(
-            wanted, borders.occurrence_border[drawn_occurrence], part_level[occurrence_part[drawn_occurrence]]
-        )
-        wanted = np.minimum(wanted, ceiling)
-        changed = np.flatnonzero(wanted != simplified_level)
-        tolerance = tolerances[wanted[changed]]
-        exact, approximate = changed[tolerance == 0], changed[tolerance > 0]
+        np.maximum.at(wanted, occurrence_border, part_level[occurrence_part])
+        np.minimum(wanted, ceiling, out=simplified_level)
+        tolerance = np.where(simplified_level == 1, first_level_tolerance, tolerances[simplified_level])
+        changed = np.flatnonzero(tolerance != simplified_tolerance)
+        exact, approximate = changed[tolerance[changed] == 0], changed[tolerance[changed] > 0]
         simplified[exact] = borders.lines[exact]
         simplified[approximate] = shapely.simplify(
-            borders.lines[approximate], tolerances[wanted[approximate]], preserve_topology=False
+            borders.lines[approximate], tolerance[approximate], preserve_topology=False
         )
-        simplified_level[changed] = wanted[changed]
+        simplified_tolerance[changed] = tolerance[changed]
 
     def point_counts(drawn: np.ndarray) -> np.ndarray:
         points = shapely.get_num_coordinates(simplified)[borders.occurrence_border] - 1
@@ -198,7 +217,7 @@ def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarr
     geometry = _assemble(rings, parts, borders, simplified, drawn)
     broken = ~shapely.is_valid(geometry)
     while broken.any():
-        lowered = borders.occurrence_border[drawn_occurrence[broken[occurrence_part[drawn_occurrence]]]]
+        lowered = occurrence_border[broken[occurrence_part]]
         ceiling[lowered] = np.maximum(simplified_level[lowered] - 1, 0)
         simplify_borders(part_level)
         geometry = _assemble(rings, parts, borders, simplified, drawn)
@@ -295,6 +314,7 @@ class _Parts:
     hole_area: np.ndarray  # [R] area inside each hole (0 for outer rings)
     hole_rank: np.ndarray  # [R] place of each hole among its part's holes, largest first (0 for outer rings)
     labels: np.ndarray  # [P] label of each part
+    areas: np.ndarray  # [P] area of each part, its holes taken out
 
 
 @dataclass
@@ -465,6 +485,7 @@ def _parts(rings: _Rings, min_area_px: float) -> _Parts:
         hole_area=hole_area,
         hole_rank=hole_rank,
         labels=rings.labels[kept_shells],
+        areas=part_area[kept_shells],
     )
 
 
@@ -535,28 +556,35 @@ def _segment_number(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(a, b) << 32 | np.maximum(a, b)
 
 
+def _outer_rings(parts: np.ndarray) -> list[list[tuple[float, float]]]:
+    """The outer ring of each of `parts`, without its closing point."""
+    xy, part_of_point = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
+    counts = np.bincount(part_of_point, minlength=len(parts))
+    stops = np.cumsum(counts)
+    starts = stops - counts
+    pairs = list(map(tuple, xy.tolist()))
+    return [pairs[start : stop - 1] for start, stop in zip(starts.tolist(), stops.tolist(), strict=True)]
+
+
 def _keyhole_ring(part: shapely.Polygon) -> list[tuple[float, float]]:
-    """One ring drawing `part`: its outer ring with a zero-width cut out to each hole and back.
+    """One ring drawing `part` (oriented): its outer ring with a zero-width cut out to each hole and back.
 
     Each cut joins a hole to the ring built so far by the shortest segment that stays inside the part and crosses
     no earlier cut, so the result looks like the region with thin slits; the fill is right even when no such
     segment is found among the candidates and the shortest one is used.
     """
-    part = shapely.orient_polygons(part)  # holes turn the other way from the outer ring: their area subtracts
     ring = np.asarray(part.exterior.coords)[:-1]
     holes = [np.asarray(interior.coords)[:-1] for interior in part.interiors]
-    if holes:
-        shapely.prepare(part)
-        holes.sort(key=lambda hole: cKDTree(ring).query(hole)[0].min())
-        cuts: list[shapely.LineString] = []
-        for hole in holes:
-            ring_index, hole_index = _cut(part, ring, hole, shapely.multilinestrings(cuts) if cuts else None)
-            ring = np.concatenate(
-                [ring[: ring_index + 1], hole[hole_index:], hole[: hole_index + 1], ring[ring_index:]]
-            )
-            cuts.append(shapely.LineString([ring[ring_index], hole[hole_index]]))
-        # A hole touching the outer ring at a corner gets a cut of length zero: drop the repeated point.
-        ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
+    shapely.prepare(part)
+    nearest = cKDTree(ring)
+    holes.sort(key=lambda hole: nearest.query(hole)[0].min())
+    cuts: list[shapely.LineString] = []
+    for hole in holes:
+        ring_index, hole_index = _cut(part, ring, hole, shapely.multilinestrings(cuts) if cuts else None)
+        ring = np.concatenate([ring[: ring_index + 1], hole[hole_index:], hole[: hole_index + 1], ring[ring_index:]])
+        cuts.append(shapely.LineString([ring[ring_index], hole[hole_index]]))
+    # A hole touching the outer ring at a corner gets a cut of length zero: drop the repeated point.
+    ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
     return list(map(tuple, ring.tolist()))
 
 
@@ -569,8 +597,13 @@ def _cut(part: shapely.Polygon, ring: np.ndarray, hole: np.ndarray, cuts) -> tup
     hole_indices, neighbour = np.unravel_index(by_length, distances.shape)
     ring_indices = ring_indices[hole_indices, neighbour]
     segments = shapely.linestrings(np.stack([ring[ring_indices], hole[hole_indices]], axis=1))
-    usable = shapely.covered_by(segments, part)
-    if cuts is not None:
-        usable &= ~shapely.crosses(segments, cuts)
-    chosen = int(np.argmax(usable))  # the shortest usable one, or the shortest of all when none is usable
-    return int(ring_indices[chosen]), int(hole_indices[chosen])
+    # Shortest first, a few at a time: each test costs about 10 us, and one of the first few is usually usable.
+    for first in range(0, len(segments), CUTS_TESTED_AT_ONCE):
+        batch = segments[first : first + CUTS_TESTED_AT_ONCE]
+        usable = shapely.covered_by(batch, part)
+        if cuts is not None:
+            usable &= ~shapely.crosses(batch, cuts)
+        if usable.any():
+            chosen = first + int(np.argmax(usable))
+            return int(ring_indices[chosen]), int(hole_indices[chosen])
+    return int(ring_indices[0]), int(hole_indices[0])  # the shortest of all, when none is usable
