@@ -151,8 +151,8 @@ def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarr
     along it use the result, so neighbours keep sharing their borders exactly. Levels: 0 is the traced border,
     1 `options.tolerance_px`, each further level LEVEL_STEP times the last (at least 1 px). Every part starts at
     level 1; a part over the point budget goes one level up, and a border takes the level of the more demanding
-    part along it, so a part never has more points than at its own level. At level 1, a border is simplified at
-    most at the tolerance the smallest or thinnest part along it can afford (see MAX_AREA_MOVED). Points count as
+    part along it, so a part never has more points than at its own level. A border's tolerances are those of its
+    level scaled down to what the smallest or thinnest part along it can afford (see MAX_AREA_MOVED). Points count as
     in the final ring, with the holes kept at that level (see `_drawn_rings`); the others are filled, although the
     parts inside them stay.
 
@@ -167,20 +167,21 @@ def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarr
     borders = _borders(rings)
     occurrence_part = parts.part_of_ring[borders.occurrence_ring]
     drawn_occurrence = np.flatnonzero(occurrence_part >= 0)
+    occurrence_border = borders.occurrence_border[drawn_occurrence]
+    occurrence_part = occurrence_part[drawn_occurrence]
+    # A small or thin part has much border for its area: its borders climb a ladder scaled down to the tolerance
+    # it can afford, so a neighbour raised for its budget takes them only gradually harder.
+    scale = np.ones(len(borders.lines))
+    if options.tolerance_px > 0:
+        perimeter = np.bincount(occurrence_part, shapely.length(borders.lines)[occurrence_border], part_count)
+        affordable = MAX_AREA_MOVED * parts.areas / (AREA_MOVED_PER_TOLERANCE * perimeter)
+        np.minimum.at(scale, occurrence_border, affordable[occurrence_part] / options.tolerance_px)
     tolerances = [0.0, options.tolerance_px]
-    while tolerances[-1] < rings.diagonal:  # Douglas-Peucker keeps nothing but the ends of a border beyond its diagonal
+    # Douglas-Peucker keeps nothing but the ends of a border beyond its diagonal.
+    while tolerances[-1] * scale.min() < rings.diagonal:
         tolerances.append(max(LEVEL_STEP * tolerances[-1], 1.0))
     tolerances = np.array(tolerances)
     top_level = len(tolerances) - 1
-
-    occurrence_border = borders.occurrence_border[drawn_occurrence]
-    occurrence_part = occurrence_part[drawn_occurrence]
-    # A small or thin part has much border for its area: on borders that no part along them needs simplified
-    # harder for its budget, it caps the tolerance at what it can afford.
-    perimeter = np.bincount(occurrence_part, shapely.length(borders.lines)[occurrence_border], part_count)
-    affordable = MAX_AREA_MOVED * parts.areas / (AREA_MOVED_PER_TOLERANCE * perimeter)
-    first_level_tolerance = np.full(len(borders.lines), tolerances[1])
-    np.minimum.at(first_level_tolerance, occurrence_border, affordable[occurrence_part])
 
     simplified = borders.lines.copy()
     simplified_level = np.zeros(len(simplified), np.intp)
@@ -191,7 +192,7 @@ def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarr
         wanted = np.zeros(len(simplified), np.intp)
         np.maximum.at(wanted, occurrence_border, part_level[occurrence_part])
         np.minimum(wanted, ceiling, out=simplified_level)
-        tolerance = np.where(simplified_level == 1, first_level_tolerance, tolerances[simplified_level])
+        tolerance = tolerances[simplified_level] * scale
         changed = np.flatnonzero(tolerance != simplified_tolerance)
         exact, approximate = changed[tolerance[changed] == 0], changed[tolerance[changed] > 0]
         simplified[exact] = borders.lines[exact]
