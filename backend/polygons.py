@@ -49,7 +49,8 @@ from scipy.spatial import cKDTree
 MIN_POINTS_PER_HOLE = 5
 # Tolerance factor from one level of simplification to the next, for parts over the point budget. A level costs
 # little (Douglas-Peucker on those parts' borders), and small steps leave parts closer to their budget: at 2 MP,
-# budget 256, 1.25 kept 5,050 points and a mean IoU of 0.993 where 2 kept 3,357 and 0.991 (bench/polygons.py).
+# budget 256, 1.25 kept 5,050 points and a mean IoU of 0.993 where 2 kept 3,357 and 0.991 (bench/polygons.py,
+# before small parts scaled their borders' tolerances down).
 LEVEL_STEP = 1.25
 # Douglas-Peucker at tolerance t moves up to about AREA_MOVED_PER_TOLERANCE * t px² of area (gained or lost) per px
 # of traced border: (1 - IoU) * A / (t * P) was 0.24 at most over 1,535 parts of 400+ px of model-like maps
