@@ -138,8 +138,13 @@ def model_like_label_maps(draw) -> np.ndarray:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     height, width = draw(st.integers(24, 128)), draw(st.integers(24, 128))
     scores = np.stack([smooth_field(rng, height, width) for _ in range(draw(st.integers(2, 8)))])
+    return argmax_label_map(scores, void=draw(st.booleans()))
+
+
+def argmax_label_map(scores: np.ndarray, void: bool) -> np.ndarray:
+    """[K, H, W] scores -> labels 1..K by argmax, with `void` 0 where the best score is in the lowest 15 %."""
     label_map = scores.argmax(axis=0) + 1
-    if draw(st.booleans()):
+    if void:
         label_map[scores.max(axis=0) < np.quantile(scores.max(axis=0), 0.15)] = 0
     return label_map
 
@@ -347,9 +352,7 @@ def test_small_parts_keep_their_shape_beside_large_ones(seed):
     rng = np.random.default_rng(seed)
     height, width = rng.integers(24, 129), rng.integers(24, 129)
     scores = np.stack([smooth_field(rng, height, width) for _ in range(rng.integers(2, 9))])
-    label_map = scores.argmax(axis=0) + 1
-    if rng.random() < 0.5:
-        label_map[scores.max(axis=0) < np.quantile(scores.max(axis=0), 0.15)] = 0
+    label_map = argmax_label_map(scores, void=rng.random() < 0.5)
     polygons = label_map_polygons(label_map)
     assert any(part.sum() > 400 for region_id in polygons for part in parts_of(label_map == region_id))
     for region_id, region_polygons in polygons.items():
