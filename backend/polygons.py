@@ -83,7 +83,7 @@ class PolygonOptions:
 
 @dataclass
 class Polygon:
-    points: list[tuple[float, float]]  # (x, y) in pixels of the original image, one ring, first != last
+    points: np.ndarray  # [K, 2] float64 (x, y) in pixels of the original image, one ring, first != last
     area_px: float  # filled area of the region this ring draws (outer minus holes)
     region_id: int  # segment id (label-map value) or 1 for a single mask
 
@@ -349,35 +349,54 @@ def _trace_rings(labels: np.ndarray, dtype: type) -> _Rings:
     padded[1:-1, 1:-1] = labels
     flat = padded.ravel()
     # Vertex (x, y) is numbered by the flat index of the padded pixel up-left of it, so the 2x2 pixels around
-    # vertex v are flat[v + up_left], flat[v + up_right], ... and a step in a direction adds step[direction].
+    # vertex v are flat[v + up_left], flat[v + up_right], ...; a step down adds padded_width.
     up_left, up_right, down_left, down_right = 0, 1, padded_width, padded_width + 1
-    step = np.array([1, padded_width, -1, -padded_width])
-    # Pixels ahead of a walker arriving at a vertex, on its right and on its left, and the pixel behind on its left.
+    # Pixels ahead of a walker arriving at a vertex, on its right and on its left.
     ahead_right = np.array([down_right, down_left, up_left, up_right])
     ahead_left = np.array([up_right, down_right, down_left, up_left])
-    behind_left = np.array([up_left, up_right, down_right, down_left])
 
     # k in across: pixels k and k+1 differ, a vertical crack from vertex k - padded_width down to vertex k.
     # k in along: pixels k and k + padded_width differ, a horizontal crack from vertex k - 1 to vertex k.
     # The frame makes the row wrap-around of flat indices harmless: both ends of it are frame zeros.
     across = np.flatnonzero(flat[:-1] != flat[1:])
     along = np.flatnonzero(flat[:-padded_width] != flat[padded_width:])
-    # Each crack is walked once per side, keeping the side's label on the walker's right.
-    starts = np.concatenate([along - 1, across - padded_width, along, across])
-    directions = np.repeat(np.array([EAST, SOUTH, WEST, NORTH], np.intp), [len(along), len(across)] * 2)
-    edge_labels = np.concatenate([flat[along + padded_width], flat[across], flat[along], flat[across + 1]])
+    # Straight runs of cracks with the same two pixels' labels on either side: no other border meets them between
+    # their ends, so each run is walked as one edge, between two vertices that rings keep. A run stops where the
+    # pixels on one side change.
+    left, right, above, below = flat[across], flat[across + 1], flat[along], flat[along + padded_width]
+    across_first = across[(flat[across - padded_width] != left) | (flat[across - padded_width + 1] != right)]
+    across_last = across[(flat[across + padded_width] != left) | (flat[across + padded_width + 1] != right)]
+    along_first = along[(flat[along - 1] != above) | (flat[along - 1 + padded_width] != below)]
+    along_last = along[(flat[along + 1] != above) | (flat[along + 1 + padded_width] != below)]
+    # A column's vertical runs, top to bottom, start and stop alternately: pair them column by column (a stable
+    # radix sort on 16-bit column numbers keeps the rows in order).
+    column_type = np.uint16 if padded_width <= np.iinfo(np.uint16).max else np.int64
+    across_first = across_first[np.argsort((across_first % padded_width).astype(column_type), kind="stable")]
+    across_last = across_last[np.argsort((across_last % padded_width).astype(column_type), kind="stable")]
+    # Each run is walked once per side, keeping the side's label on the walker's right.
+    starts = np.concatenate([along_first - 1, across_first - padded_width, along_last, across_last])
+    ends = np.concatenate([along_last, across_last, along_first - 1, across_first - padded_width])
+    directions = np.repeat(np.array([EAST, SOUTH, WEST, NORTH], np.intp), [len(along_first), len(across_first)] * 2)
+    edge_labels = np.concatenate(
+        [flat[along_first + padded_width], flat[across_first], flat[along_first], flat[across_first + 1]]
+    )
     on_region = edge_labels != 0
-    starts, directions, edge_labels = starts[on_region], directions[on_region], edge_labels[on_region]
+    starts, ends, directions, edge_labels = (
+        starts[on_region],
+        ends[on_region],
+        directions[on_region],
+        edge_labels[on_region],
+    )
     keys = starts * 4 + directions  # unique: one walk leaves a vertex in a given direction
-    by_key = np.argsort(keys, kind="stable")  # four already sorted runs: a merge, not a full sort
-    keys, starts, directions, edge_labels = keys[by_key], starts[by_key], directions[by_key], edge_labels[by_key]
+    by_key = np.argsort(keys)
+    keys, starts, ends = keys[by_key], starts[by_key], ends[by_key]
+    directions, edge_labels = directions[by_key], edge_labels[by_key]
 
     # Where each walk goes next: keep the region on the right, separating regions that touch only at a corner
     # (4-connectivity): turn right when the pixel ahead-right is not ours, left when both pixels ahead are ours.
-    ends = starts + step[directions]
+    # A run ends where the walk turns or another border meets it, so every walk ends at a vertex rings keep.
     ahead_right_ours = flat[ends + ahead_right[directions]] == edge_labels
-    ahead_left_label = flat[ends + ahead_left[directions]]
-    ahead_left_ours = ahead_left_label == edge_labels
+    ahead_left_ours = flat[ends + ahead_left[directions]] == edge_labels
     turn = np.where(~ahead_right_ours, 1, np.where(ahead_left_ours, 3, 0))
     successor = np.searchsorted(keys, ends * 4 + (directions + turn) % 4)
 
@@ -394,14 +413,9 @@ def _trace_rings(labels: np.ndarray, dtype: type) -> _Rings:
         successor[pinched[:, 0]], successor[pinched[:, 1]] = successor[pinched[:, 1]], successor[pinched[:, 0]]
         ring_order = _cycles(successor)
 
-    # A vertex where the walk goes straight on and no other border meets it is not needed.
-    straight_through = (turn == 0) & (flat[ends + behind_left[directions]] == ahead_left_label)
-    needed = np.empty(len(successor), bool)
-    needed[successor] = ~straight_through
     first_of_ring = _ring_starts(ring_order, successor)
-    kept = needed[ring_order]
-    vertices = starts[ring_order[kept]]
-    ring_of_vertex = np.cumsum(first_of_ring)[kept] - 1
+    vertices = starts[ring_order]
+    ring_of_vertex = np.cumsum(first_of_ring) - 1
     ring_labels = edge_labels[ring_order[first_of_ring]]
     # Shoelace; walked with the region on the right (y down), outer rings have positive area and holes negative.
     x, y = vertices % padded_width, vertices // padded_width
@@ -558,18 +572,17 @@ def _segment_number(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(a, b) << 32 | np.maximum(a, b)
 
 
-def _outer_rings(parts: np.ndarray) -> list[list[tuple[float, float]]]:
-    """The outer ring of each of `parts`, without its closing point."""
+def _outer_rings(parts: np.ndarray) -> list[np.ndarray]:
+    """[K, 2] outer ring of each of `parts`, without its closing point (views into one array)."""
     xy, part_of_point = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
     counts = np.bincount(part_of_point, minlength=len(parts))
     stops = np.cumsum(counts)
     starts = stops - counts
-    pairs = list(map(tuple, xy.tolist()))
-    return [pairs[start : stop - 1] for start, stop in zip(starts.tolist(), stops.tolist(), strict=True)]
+    return [xy[start : stop - 1] for start, stop in zip(starts.tolist(), stops.tolist(), strict=True)]
 
 
-def _keyhole_ring(part: shapely.Polygon) -> list[tuple[float, float]]:
-    """One ring drawing `part` (oriented): its outer ring with a zero-width cut out to each hole and back.
+def _keyhole_ring(part: shapely.Polygon) -> np.ndarray:
+    """[K, 2] one ring drawing `part` (oriented): its outer ring with a zero-width cut out to each hole and back.
 
     Each cut joins a hole to the ring built so far by the shortest segment that stays inside the part and crosses
     no earlier cut, so the result looks like the region with thin slits; the fill is right even when no such
@@ -586,8 +599,7 @@ def _keyhole_ring(part: shapely.Polygon) -> list[tuple[float, float]]:
         ring = np.concatenate([ring[: ring_index + 1], hole[hole_index:], hole[: hole_index + 1], ring[ring_index:]])
         cuts.append(shapely.LineString([ring[ring_index], hole[hole_index]]))
     # A hole touching the outer ring at a corner gets a cut of length zero: drop the repeated point.
-    ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
-    return list(map(tuple, ring.tolist()))
+    return ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
 
 
 def _cut(part: shapely.Polygon, ring: np.ndarray, hole: np.ndarray, cuts) -> tuple[int, int]:
