@@ -371,14 +371,19 @@ def _trace_rings(labels: np.ndarray, dtype: type) -> _Rings:
     # A column's vertical runs, top to bottom, start and stop alternately: pair them column by column (a stable
     # radix sort on 16-bit column numbers keeps the rows in order).
     column_type = np.uint16 if padded_width <= np.iinfo(np.uint16).max else np.int64
-    across_first = across_first[np.argsort((across_first % padded_width).astype(column_type), kind="stable")]
-    across_last = across_last[np.argsort((across_last % padded_width).astype(column_type), kind="stable")]
-    # Each run is walked once per side, keeping the side's label on the walker's right.
+    by_column_first = np.argsort((across_first % padded_width).astype(column_type), kind="stable")
+    by_column_last = np.argsort((across_last % padded_width).astype(column_type), kind="stable")
+    last_of_first, first_of_last = np.empty_like(across_first), np.empty_like(across_last)
+    last_of_first[by_column_first] = across_last[by_column_last]
+    first_of_last[by_column_last] = across_first[by_column_first]
+    # Each run is walked once per side, keeping the side's label on the walker's right. Within each direction the
+    # walks are in row order of their start (and nearly so of their end), which keeps the sorts and searches
+    # below cheap.
     starts = np.concatenate([along_first - 1, across_first - padded_width, along_last, across_last])
-    ends = np.concatenate([along_last, across_last, along_first - 1, across_first - padded_width])
+    ends = np.concatenate([along_last, last_of_first, along_first - 1, first_of_last - padded_width])
     directions = np.repeat(np.array([EAST, SOUTH, WEST, NORTH], np.intp), [len(along_first), len(across_first)] * 2)
     edge_labels = np.concatenate(
-        [flat[along_first + padded_width], flat[across_first], flat[along_first], flat[across_first + 1]]
+        [flat[along_first + padded_width], flat[across_first], flat[along_first], flat[across_last + 1]]
     )
     on_region = edge_labels != 0
     starts, ends, directions, edge_labels = (
@@ -388,9 +393,8 @@ def _trace_rings(labels: np.ndarray, dtype: type) -> _Rings:
         edge_labels[on_region],
     )
     keys = starts * 4 + directions  # unique: one walk leaves a vertex in a given direction
-    by_key = np.argsort(keys)
-    keys, starts, ends = keys[by_key], starts[by_key], ends[by_key]
-    directions, edge_labels = directions[by_key], edge_labels[by_key]
+    by_key = np.argsort(keys, kind="stable")  # four already sorted runs: a merge, not a full sort
+    sorted_keys = keys[by_key]
 
     # Where each walk goes next: keep the region on the right, separating regions that touch only at a corner
     # (4-connectivity): turn right when the pixel ahead-right is not ours, left when both pixels ahead are ours.
@@ -398,7 +402,7 @@ def _trace_rings(labels: np.ndarray, dtype: type) -> _Rings:
     ahead_right_ours = flat[ends + ahead_right[directions]] == edge_labels
     ahead_left_ours = flat[ends + ahead_left[directions]] == edge_labels
     turn = np.where(~ahead_right_ours, 1, np.where(ahead_left_ours, 3, 0))
-    successor = np.searchsorted(keys, ends * 4 + (directions + turn) % 4)
+    successor = by_key[np.searchsorted(sorted_keys, ends * 4 + (directions + turn) % 4)]
 
     ring_order = _cycles(successor)
     # A part whose outside reaches into it through a single corner (a "saddle": ours on one diagonal, others on the
