@@ -257,8 +257,9 @@ def _assemble(rings: _Rings, parts: _Parts, borders: _Borders, simplified: np.nd
     point_piece = piece[occurrence_of_point]
     backwards = borders.occurrence_reversed[occurrences][occurrence_of_point]
     point = piece_start[point_piece] + np.where(backwards, piece_points[point_piece] - 1 - along, along)
-    ring_of_point = borders.occurrence_ring[occurrences][occurrence_of_point]
-    drawn_ring, ring_number = np.unique(ring_of_point, return_inverse=True)
+    ring_of_point = borders.occurrence_ring[occurrences][occurrence_of_point]  # ascending
+    new_ring = np.r_[True, ring_of_point[1:] != ring_of_point[:-1]]
+    drawn_ring, ring_number = ring_of_point[new_ring], np.cumsum(new_ring) - 1
     ring_geometry = shapely.linearrings(xy[point], indices=ring_number)
     shell_first = np.lexsort((parts.is_hole[drawn_ring], parts.part_of_ring[drawn_ring]))
     return shapely.polygons(ring_geometry[shell_first], indices=parts.part_of_ring[drawn_ring][shell_first])
@@ -453,9 +454,11 @@ def _cycles(successor: np.ndarray) -> np.ndarray:
     A depth-first walk from an extra root linked to every index follows each cycle to its end before moving on.
     """
     count = len(successor)
-    indptr = np.concatenate([[0], np.arange(count, 2 * count + 1)])
-    indices = np.concatenate([np.arange(1, count + 1), successor + 1])
-    graph = csr_matrix((np.ones(2 * count, np.int8), indices, indptr), shape=(count + 1, count + 1))
+    # In the types csgraph works in (float64 weights, int32 indices), which spares it a converted copy.
+    index_type = np.int32 if 2 * count < np.iinfo(np.int32).max else np.int64
+    indptr = np.concatenate([[0], np.arange(count, 2 * count + 1, dtype=index_type)])
+    indices = np.concatenate([np.arange(1, count + 1, dtype=index_type), successor.astype(index_type) + 1])
+    graph = csr_matrix((np.ones(2 * count), indices, indptr), shape=(count + 1, count + 1))
     return depth_first_order(graph, 0, directed=True, return_predecessors=False)[1:] - 1
 
 
@@ -518,10 +521,12 @@ def _borders(rings: _Rings) -> _Borders:
 
     cut = rings.junctions.copy()
     few_junctions = (np.bincount(ring_of_vertex, cut, ring_count) < 3)[ring_of_vertex]
-    x, y = rings.xy.astype(np.int64).T
-    for key in (corners, -corners, (x << 32) - y, (-x << 32) + y):
-        cut_corners = corners[few_junctions & (key == np.minimum.reduceat(key, first)[ring_of_vertex])]
-        cut |= np.isin(corners, cut_corners)
+    if few_junctions.any():
+        x, y = rings.xy.astype(np.int64).T
+        extreme = np.zeros(vertex_count, bool)
+        for key in (corners, -corners, (x << 32) - y, (-x << 32) + y):
+            extreme |= key == np.minimum.reduceat(key, first)[ring_of_vertex]
+        cut |= np.isin(corners, corners[few_junctions & extreme], kind="table")
 
     # Walk each ring from its first cut, so that every piece is a run of consecutive positions.
     cut_positions = np.flatnonzero(cut)
