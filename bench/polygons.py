@@ -8,7 +8,8 @@ inside regions (holes). It is defined on normalised coordinates, so every size s
 seeded, so every run shows the same one.
 
 Printed: conversion time per size, with the default options and with no point budget (the median of several
-runs, after a warm-up); for each points-per-polygon budget, the IoU of every region with its rasterised
+runs, after a warm-up) and a least-squares line through those times, which splits them into what every image
+costs and what each megapixel adds; for each points-per-polygon budget, the IoU of every region with its rasterised
 polygons, the points used, and the share of the image where the regions' polygons overlap or leave gaps between
 regions; and that share again when every region is simplified on its own. The last line is one JSON object with
 all the figures.
@@ -89,6 +90,21 @@ def time_conversion(label_map: np.ndarray, repeats: int, options: PolygonOptions
     return statistics.median(timings)
 
 
+def per_image_and_per_megapixel(
+    megapixels_of: dict[str, float], seconds: dict[str, float]
+) -> tuple[float | None, float | None]:
+    """Least-squares line through (megapixels, ms): what every image costs, and what each megapixel adds.
+
+    The time per megapixel of one size mixes the two; at small sizes the per-image part (per-part work, keyhole
+    cuts, Python calls) dominates it. (None, None) without two distinct sizes.
+    """
+    megapixels = np.array([megapixels_of[key] for key in seconds])
+    if len(np.unique(megapixels)) < 2:
+        return None, None
+    slope, intercept = np.polyfit(megapixels, 1000 * np.array(list(seconds.values())), 1)
+    return float(intercept), float(slope)
+
+
 def rasterise(polygons, height: int, width: int) -> np.ndarray:
     """[H, W] count of the given polygons covering each pixel."""
     count = np.zeros((height, width), np.int32)
@@ -132,10 +148,11 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"conversion time, {SEGMENTS}-segment panoptic map, default options (median of {args.repeats})")
-    seconds, ms_per_mp, ms_per_mp_unlimited = {}, {}, {}
+    seconds, ms_per_mp, ms_per_mp_unlimited, megapixels_of = {}, {}, {}, {}
     for megapixels in args.sizes:
         label_map = panoptic_map(megapixels)
         key = f"{megapixels:g}"
+        megapixels_of[key] = label_map.size / 1e6
         seconds[key] = time_conversion(label_map, args.repeats, PolygonOptions())
         ms_per_mp[key] = 1000 * seconds[key] / (label_map.size / 1e6)
         unlimited = time_conversion(label_map, args.repeats, PolygonOptions(max_points=BUDGETS["unlimited"]))
@@ -148,6 +165,10 @@ def main() -> None:
             f"{sum(map(len, polygons.values()))} polygons, {points} points; "
             f"with no point budget {1000 * unlimited:.1f} ms = {ms_per_mp_unlimited[key]:.1f} ms/MP"
         )
+
+    fixed_ms, ms_per_added_mp = per_image_and_per_megapixel(megapixels_of, seconds)
+    if fixed_ms is not None:
+        print(f"  least-squares line over the sizes: {fixed_ms:.1f} ms per image + {ms_per_added_mp:.1f} ms per MP")
 
     label_map = panoptic_map(QUALITY_MEGAPIXELS)
     print(
@@ -189,6 +210,8 @@ def main() -> None:
                 "seconds": seconds,
                 "ms_per_megapixel": ms_per_mp,
                 "ms_per_megapixel_no_budget": ms_per_mp_unlimited,
+                "line_ms_per_image": fixed_ms,
+                "line_ms_per_megapixel": ms_per_added_mp,
                 "quality_megapixels": QUALITY_MEGAPIXELS,
                 "iou_mean_by_budget": mean_iou,
                 "iou_min_by_budget": min_iou,
