@@ -52,6 +52,9 @@ class WorkerContext:
 
     @property
     def label_studio(self) -> LabelStudioAPI:
+        return self.connect_label_studio()
+
+    def connect_label_studio(self) -> LabelStudioAPI:
         if self._label_studio is None:
             self._label_studio = LabelStudioAPI(self.settings)
         return self._label_studio

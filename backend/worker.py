@@ -24,6 +24,7 @@ from rq.job import Job
 from rq.worker import WorkerStatus
 
 from .jobs import WorkerContext, set_context
+from .labelstudio import NotConfigured
 from .queues import PREDICT, QUEUE_NAMES, TRAIN, connect, queue
 from .schedule import NightlySchedule
 from .settings import Settings
@@ -86,6 +87,11 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False, name:
     set_context(context)
     if PREDICT in queues or TRAIN in queues:
         context.load_model()  # now, once, rather than in the first job
+    if PREDICT in queues:
+        try:
+            context.connect_label_studio()  # the client and its import (about a second) before the first job too
+        except NotConfigured as error:
+            logger.warning("predict jobs will fail until Label Studio is configured: %s", error)
     if TRAIN in queues and not burst:
         NightlySchedule(redis, settings).start()
     worker = ModelWorker(

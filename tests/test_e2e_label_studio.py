@@ -152,10 +152,15 @@ def test_label_studio_gets_labelled_editable_polygons_and_sends_corrections(labe
     for name in ("second.png", "third.png"):
         upload = ls.post(f"/api/projects/{project}/import", files={"file": (name, png(80, 60, seed=7), "image/png")})
         assert upload.status_code == 201, upload.text
-    command = [sys.executable, "-m", "backend.cli", "preannotate", "--project", str(project), "--detach"]
-    assert subprocess.run(command, env=env).returncode == 0
+    command = [sys.executable, "-m", "backend.cli", "preannotate", "--project", str(project)]
+    queued = subprocess.run([*command, "--detach"], env=env, capture_output=True, text=True)
+    assert queued.returncode == 0, queued.stderr
+    assert ": 3 tasks, model version tiny, 1 jobs queued" in queued.stdout  # the first task's two: one chunk
     worker = subprocess.run([sys.executable, "-m", "backend.cli", "worker", "--queues", "predict", "--burst"], env=env)
     assert worker.returncode == 0
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "done 0, failed 0, skipped 3 of 3" in rerun.stdout  # every task has a prediction of this version now
     tasks = ls.get("/api/tasks/", params={"project": project}).json()["tasks"]
     assert len(tasks) == 3
     for each in tasks:  # the first task keeps its one prediction; the new ones got theirs

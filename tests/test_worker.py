@@ -189,3 +189,19 @@ def test_corrections_sent_by_webhook_become_a_served_fine_tune(settings, redis, 
         answer = client.post("/predict", json=payload)
         assert answer.json()["results"][0]["model_version"] == "tiny.p3.v1"
     assert CorrectionStore(redis).meta(3)["finetune_status"] == "served"
+
+
+def test_a_predict_worker_connects_to_label_studio_at_start_and_says_when_it_cannot(settings, redis):
+    def burst(worker_settings) -> str:
+        env = {**os.environ, **settings_env(worker_settings), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        if worker_settings.label_studio_url is None:
+            env.pop("LABEL_STUDIO_URL", None)
+            env.pop("LABEL_STUDIO_HOST", None)
+        command = [sys.executable, "-m", "backend.cli", "worker", "--queues", "predict", "--burst"]
+        worker = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 0, worker.stderr
+        return worker.stderr
+
+    assert "Label Studio is configured" not in burst(settings)
+    unconfigured = burst(settings.model_copy(update={"label_studio_url": None}))
+    assert "predict jobs will fail until Label Studio is configured: LABEL_STUDIO_URL" in unconfigured
