@@ -14,8 +14,9 @@ How a label map becomes polygons (`label_map_polygons`):
 
 1. Trace. Every border between two different labels runs along pixel edges ("cracks"). All cracks of the map are
    found with two vectorised comparisons and linked into closed rings, each walked with its region on the right,
-   so a border shared by two regions is traced once for each of them, through the same vertices. Only corners
-   where a ring turns or where borders meet are kept. Tracing the whole map in one pass, rather than each segment
+   so a border shared by two regions is traced once for each of them, through the same vertices. A straight run
+   of cracks with the same two labels on either side is walked as one edge, so only corners where a ring turns
+   or where borders meet are kept. Tracing the whole map in one pass, rather than each segment
    on its own, is what makes the rings of neighbours match vertex for vertex.
 2. Parts. Rings with positive area are the outer boundaries of 4-connected parts, rings with negative area their
    holes; a hole belongs to the smallest outer ring of its label that contains it. Parts smaller than
@@ -387,12 +388,7 @@ def _trace_rings(labels: np.ndarray, dtype: type) -> _Rings:
         [flat[along_first + padded_width], flat[across_first], flat[along_first], flat[across_last + 1]]
     )
     on_region = edge_labels != 0
-    starts, ends, directions, edge_labels = (
-        starts[on_region],
-        ends[on_region],
-        directions[on_region],
-        edge_labels[on_region],
-    )
+    starts, ends, directions, edge_labels = (array[on_region] for array in (starts, ends, directions, edge_labels))
     keys = starts * 4 + directions  # unique: one walk leaves a vertex in a given direction
     by_key = np.argsort(keys, kind="stable")  # four already sorted runs: a merge, not a full sort
     sorted_keys = keys[by_key]

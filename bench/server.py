@@ -1,6 +1,6 @@
 """/predict wall time against the model's own time for one task (target: overhead <= 15 %).
 
-    python bench/server.py [--height 512 --width 683 --repeats 3]        (or: xdecoder-ls bench server)
+    python bench/server.py [--height 512 --width 683 --repeats 5]        (or: xdecoder-ls bench server)
 
 Focal-T with random weights on CPU (2 threads), thresholds at 0 so that every query yields a region
 (the heaviest polygon load a task can bring). A stand-in Label Studio on loopback serves the PNG; the
@@ -54,21 +54,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
+def timed_alternately(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of `first` and of `second`, run in turn (after one warm-up each).
+
+    In turn, because this shared VM's speed wanders by 20-40 % within a minute: timing one after the other in
+    blocks showed overheads from 8 % to 28 % for the same code.
+    """
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for fn, spent in zip((first, second), times, strict=True):
+            started = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=683)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,11 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
         synonyms = {label.value: label.texts for label in labels}
         names = [label.value for label in labels]
 
-        model_s = timed(lambda: predictor.predict(image, labels=names, stuff=stuff, synonyms=synonyms), args.repeats)
         payload = {"tasks": [{"id": 1, "data": {"image": url}}], "project": "1.1", "label_config": CONFIG}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             regions = len(client.post("/predict", json=payload).json()["results"][0]["result"])
-            predict_s = timed(lambda: client.post("/predict", json=payload).raise_for_status(), args.repeats)
+            model_s, predict_s = timed_alternately(
+                lambda: predictor.predict(image, labels=names, stuff=stuff, synonyms=synonyms),
+                lambda: client.post("/predict", json=payload).raise_for_status(),
+                args.repeats,
+            )
     finally:
         server.should_exit = True
         thread.join()
