@@ -180,7 +180,8 @@ def _simplify(rings: _Rings, parts: _Parts, options: PolygonOptions) -> np.ndarr
         np.minimum.at(scale, occurrence_border, affordable[occurrence_part] / options.tolerance_px)
     tolerances = [0.0, options.tolerance_px]
     # Douglas-Peucker keeps nothing but the ends of a border beyond its diagonal.
-    while tolerances[-1] * scale.min() < rings.diagonal:
+    smallest_scale = scale.min()
+    while tolerances[-1] * smallest_scale < rings.diagonal:
         tolerances.append(max(LEVEL_STEP * tolerances[-1], 1.0))
     tolerances = np.array(tolerances)
     top_level = len(tolerances) - 1
