@@ -141,7 +141,9 @@ class CorrectionStore:
         return int(self.redis.hlen(self._key(project, "corrections")))
 
     def changed_count(self, project: int) -> int:
-        return int(self.redis.scard(self._key(project, "changed")))
+        """Corrections no finished fine-tune has learnt from: new ones, and those of a round still running or
+        whose worker was killed (the nightly trigger must still see those)."""
+        return len(self.redis.sunion([self._key(project, "changed"), self._key(project, "changed_in_round")]))
 
     def excluded(self, project: int) -> dict[int, dict]:
         return {int(k): json.loads(v) for k, v in self.redis.hgetall(self._key(project, "excluded")).items()}

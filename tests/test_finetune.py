@@ -152,8 +152,13 @@ def test_changes_taken_by_a_round_that_never_ended_count_in_the_next(worker_cont
     for annotation_id in (1, 2):
         store_correction(worker_context, label_studio, annotation_id, scene_regions())
     assert store.start_training_round(PROJECT) == 2  # and then its worker was killed: no end_training_round
+    assert store.changed_count(PROJECT) == 2  # still unlearnt: the nightly trigger sees them
     store_correction(worker_context, label_studio, 3, scene_regions())
-    assert store.changed_count(PROJECT) == 1
+    updated = {"id": 2, "result": scene_regions(label_of_box="Car"), "updated_at": "2026-11-24T00:00:00Z"}
+    assert (
+        store.upsert(PROJECT, updated, {"id": 102, "data": {"image": "/data/upload/2/scene-2.png"}}, CONFIG) == "stored"
+    )
+    assert store.changed_count(PROJECT) == 3
     assert store.start_training_round(PROJECT) == 3
     store.end_training_round(PROJECT, succeeded=True)
     assert store.start_training_round(PROJECT) == 0
