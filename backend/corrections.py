@@ -3,7 +3,8 @@
 Per project (keys under `xdls:project:<id>:`):
     corrections   hash  annotation id -> the annotation's result, its task's data, who and when
     excluded      hash  annotation id -> why it is kept out of training (shown by `xdecoder-ls status`)
-    changed       set   annotation ids created or updated since the last fine-tune (the N-trigger)
+    changed       set   annotation ids created or updated since the last fine-tune started (the N-trigger)
+    changed_in_round set  those a fine-tune took when it started; settled when it ends (see start_training_round)
     meta          hash  latest label config, fine-tune bookkeeping
 
 Events may arrive twice or out of order (Label Studio retries; replays are harmless): the latest
