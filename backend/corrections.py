@@ -1,11 +1,11 @@
 """The corrections store: annotators' answers, kept in Redis, as training data for fine-tuning.
 
 Per project (keys under `xdls:project:<id>:`):
-    corrections   hash  annotation id -> the annotation's result, its task's data, who and when
-    excluded      hash  annotation id -> why it is kept out of training (shown by `xdecoder-ls status`)
-    changed       set   annotation ids created or updated since the last fine-tune started (the N-trigger)
-    changed_in_round set  those a fine-tune took when it started; settled when it ends (see start_training_round)
-    meta          hash  latest label config, fine-tune bookkeeping
+    corrections       hash  annotation id -> the annotation's result, its task's data, who and when
+    excluded          hash  annotation id -> why it is kept out of training (shown by `xdecoder-ls status`)
+    changed           set   annotation ids created or updated since the last fine-tune started (the N-trigger)
+    changed_in_round  set   those the running (or a killed) fine-tune took when it started; see start_training_round
+    meta              hash  latest label config, fine-tune bookkeeping
 
 Events may arrive twice or out of order (Label Studio retries; replays are harmless): the latest
 `updated_at` wins per annotation, and the trigger counts distinct annotations, not events.
