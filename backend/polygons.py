@@ -88,6 +88,13 @@ class Polygon:
     area_px: float  # filled area of the region this ring draws (outer minus holes)
     region_id: int  # segment id (label-map value) or 1 for a single mask
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Polygon):
+            return NotImplemented
+        return (self.area_px, self.region_id) == (other.area_px, other.region_id) and np.array_equal(
+            self.points, other.points
+        )
+
 
 def label_map_polygons(label_map: np.ndarray, options: PolygonOptions = PolygonOptions()) -> dict[int, list[Polygon]]:
     """[H, W] integer map (0 = no region) -> polygons per region id, simplified together as a coverage.

@@ -312,6 +312,16 @@ def test_each_part_is_a_polygon_largest_first_and_small_parts_are_dropped():
     assert [p.area_px for p in mask_polygons(mask, PolygonOptions(min_area_px=0))] == [196, 100, 63]
 
 
+def test_polygons_compare_by_their_points_area_and_region():
+    mask = np.zeros((14, 14), bool)
+    mask[2:12, 2:12] = True
+    (first,), (again,) = mask_polygons(mask), mask_polygons(mask.copy())
+    assert first == again
+    mask[2, 2] = False
+    (changed,) = mask_polygons(mask, EXACT)
+    assert first != changed and first not in [changed]
+
+
 def test_pixels_touching_only_at_a_corner_are_separate_parts():
     polygons = mask_polygons(np.array([[1, 0], [0, 1]], bool), EXACT)
     assert sorted(sorted(point_set(p)) for p in polygons) == [
