@@ -415,14 +415,15 @@ def _trace_rings(labels: np.ndarray, dtype: type) -> _Rings:
     # Reconnecting the two walks through the corner splits that ring into an outer ring and a hole that touch.
     saddles = np.flatnonzero(~ahead_right_ours & ahead_left_ours)
     saddles = saddles[np.lexsort((edge_labels[saddles], ends[saddles]))].reshape(-1, 2)  # two walks per saddle
+    first_of_ring = _ring_starts(ring_order, successor)
     ring_of_edge = np.empty(len(successor), np.intp)
-    ring_of_edge[ring_order] = np.cumsum(_ring_starts(ring_order, successor)) - 1
+    ring_of_edge[ring_order] = np.cumsum(first_of_ring) - 1
     pinched = saddles[ring_of_edge[saddles[:, 0]] == ring_of_edge[saddles[:, 1]]]
     if len(pinched):
         successor[pinched[:, 0]], successor[pinched[:, 1]] = successor[pinched[:, 1]], successor[pinched[:, 0]]
         ring_order = _cycles(successor)
+        first_of_ring = _ring_starts(ring_order, successor)
 
-    first_of_ring = _ring_starts(ring_order, successor)
     vertices = starts[ring_order]
     ring_of_vertex = np.cumsum(first_of_ring) - 1
     ring_labels = edge_labels[ring_order[first_of_ring]]

@@ -33,10 +33,19 @@ PANOPTIC = """<View>
 </View>"""
 
 
-def start_worker(settings, queues: str, burst: bool = False) -> subprocess.Popen:
+def worker_env(settings) -> dict[str, str]:
+    """This environment with `settings` in it, less any variable of a setting that `settings` leaves unset."""
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for name, field in type(settings).model_fields.items():
+        if getattr(settings, name) is None:
+            for alias in field.validation_alias.choices:
+                env.pop(alias, None)
+    return env
+
+
+def start_worker(settings, queues: str, burst: bool = False, **popen) -> subprocess.Popen:
     command = [sys.executable, "-m", "backend.cli", "worker", "--queues", queues]
-    return subprocess.Popen(command + (["--burst"] if burst else []), env=env)
+    return subprocess.Popen(command + (["--burst"] if burst else []), env=worker_env(settings), **popen)
 
 
 def run_burst(settings, queues: str, timeout: float = 120) -> None:
@@ -193,14 +202,10 @@ def test_corrections_sent_by_webhook_become_a_served_fine_tune(settings, redis, 
 
 def test_a_predict_worker_connects_to_label_studio_at_start_and_says_when_it_cannot(settings, redis):
     def burst(worker_settings) -> str:
-        env = {**os.environ, **settings_env(worker_settings), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        if worker_settings.label_studio_url is None:
-            env.pop("LABEL_STUDIO_URL", None)
-            env.pop("LABEL_STUDIO_HOST", None)
-        command = [sys.executable, "-m", "backend.cli", "worker", "--queues", "predict", "--burst"]
-        worker = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert worker.returncode == 0, worker.stderr
-        return worker.stderr
+        worker = start_worker(worker_settings, "predict", burst=True, stderr=subprocess.PIPE, text=True)
+        _, stderr = worker.communicate(timeout=120)
+        assert worker.returncode == 0, stderr
+        return stderr
 
     assert "Label Studio is configured" not in burst(settings)
     unconfigured = burst(settings.model_copy(update={"label_studio_url": None}))
