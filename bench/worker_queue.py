@@ -50,7 +50,7 @@ from backend import preannotate  # noqa: E402
 from backend.queues import EmbeddedRedis  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench.report import print_figures  # noqa: E402
-from tests.helpers import backend_settings, settings_env, write_tiny_checkpoint  # noqa: E402
+from tests.helpers import backend_settings, subprocess_env, write_tiny_checkpoint  # noqa: E402
 from tests.standin_ls import StandInLabelStudio, png  # noqa: E402
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -127,7 +127,7 @@ def start_server(command: list[str], env: dict, port: int) -> subprocess.Popen:
 
 
 def webhook_latency(settings: Settings, posts: int, bursts: int) -> dict:
-    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(settings)
     bodies = []
     for i in range(posts):
         payload = json.loads(json.dumps(WEBHOOK))
@@ -187,7 +187,7 @@ def throughput(
 ) -> tuple[float, float]:
     """(seconds from enqueueing the project to the last prediction posted, with warm workers; cores the workers kept
     busy on average meanwhile)."""
-    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(settings, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "backend.cli", "--log-level", "WARNING", "worker", "--queues", "predict"]
     processes = [subprocess.Popen(command, env=env) for _ in range(workers)]
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -78,14 +79,17 @@ def backend_settings(checkpoint, model_dir, label_studio_url: str, **environment
     )
 
 
-def settings_env(settings) -> dict[str, str]:
-    """The environment variables that reproduce `settings` in a subprocess (e.g. a worker)."""
+def subprocess_env(settings, **extra: str) -> dict[str, str]:
+    """This process's environment with `settings` in it and the project on PYTHONPATH, for a subprocess (a worker,
+    the CLI, the server); variables of settings that `settings` leaves unset are taken out, so none leaks in."""
     from pydantic import SecretStr
 
-    env = {}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
     for name, field in type(settings).model_fields.items():
         value = getattr(settings, name)
         if value is None:
+            for alias in field.validation_alias.choices:
+                env.pop(alias, None)
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from rq import Queue
 
 from backend.versions import VersionRegistry
-from tests.helpers import settings_env
+from tests.helpers import subprocess_env
 from tests.standin_ls import png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +22,7 @@ CONFIG = """<View><Image name="image" value="$image"/>
 
 
 def run(settings, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(settings)
     return subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import backend_settings, settings_env
+from tests.helpers import backend_settings, subprocess_env
 from tests.standin_ls import TOKEN, png
 
 LABEL_STUDIO = os.environ.get("XDECODER_E2E_LABEL_STUDIO")
@@ -93,7 +93,7 @@ def backend(label_studio_url, tmp_path_factory, tiny_checkpoint):
         tiny_checkpoint, folder, label_studio_url, XDECODER_SHORT_SIDE=64, XDECODER_POLYGON_MIN_AREA=4
     )
     port = free_port()
-    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(settings)
     server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port",
                                str(port)], env=env)  # fmt: skip
     try:

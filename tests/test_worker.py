@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +20,7 @@ from backend.queues import PREDICT, EmbeddedRedis, enqueue
 from backend.server import create_app
 from backend.versions import VersionRegistry
 from tests.conftest import reference_payload
-from tests.helpers import settings_env
+from tests.helpers import subprocess_env
 from tests.standin_ls import png
 
 PANOPTIC = """<View>
@@ -33,19 +31,9 @@ PANOPTIC = """<View>
 </View>"""
 
 
-def worker_env(settings) -> dict[str, str]:
-    """This environment with `settings` in it, less any variable of a setting that `settings` leaves unset."""
-    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for name, field in type(settings).model_fields.items():
-        if getattr(settings, name) is None:
-            for alias in field.validation_alias.choices:
-                env.pop(alias, None)
-    return env
-
-
 def start_worker(settings, queues: str, burst: bool = False, **popen) -> subprocess.Popen:
     command = [sys.executable, "-m", "backend.cli", "worker", "--queues", queues]
-    return subprocess.Popen(command + (["--burst"] if burst else []), env=worker_env(settings), **popen)
+    return subprocess.Popen(command + (["--burst"] if burst else []), env=subprocess_env(settings), **popen)
 
 
 def run_burst(settings, queues: str, timeout: float = 120) -> None:
