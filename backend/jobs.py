@@ -168,42 +168,38 @@ def predict_chunk(
 ) -> dict[str, int]:
     """Predict tasks and post the predictions to Label Studio under the current model version.
 
-    Skips tasks that already have a prediction of that version (so a re-run after a crash, or a
-    resumed `preannotate`, posts nothing twice), and posts nothing for tasks that fail: an empty
-    prediction under the current version would make Label Studio skip the task for good.
+    Skips tasks that already have a prediction of that version in Label Studio, and tasks this run already
+    posted (so a re-run after a crash, or a resumed `preannotate`, posts nothing twice), and posts nothing for
+    tasks that fail: an empty prediction under the current version would make Label Studio skip the task for good.
     """
     ctx = context()
     service, api = ctx.service, ctx.label_studio
     progress = RunProgress(ctx.redis, run_id or f"handover-{uuid.uuid4().hex[:8]}")
+    counts = {"done": 0, "skipped": 0, "failed": 0}
     try:
         spec = ProjectSpec.parse(label_config or api.label_config(project))
     except LabelConfigError as error:
-        progress.add(failed=len(tasks))
+        for task in tasks:
+            progress.record("failed", int(task["id"]))
         logger.error("project %s: cannot pre-annotate: %s", project, error)
-        return {"done": 0, "skipped": 0, "failed": len(tasks)}
+        return counts | {"failed": len(tasks)}
     version = service.current_version(project)
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-
-    def has_prediction(task: Mapping[str, Any]) -> bool:
-        task_id = int(task["id"])
-        return progress.already_predicted(project, version.name, task_id) or (
-            version.name in api.prediction_versions(task_id)
-        )
+    settled = progress.settled([int(task["id"]) for task in tasks])  # by an earlier try of this job
+    tasks = [task for task in tasks if int(task["id"]) not in settled]
 
     def post(task_id: int, prediction) -> None:
         api.create_prediction(project, task_id, prediction.result, prediction.score, prediction.model_version)
-        progress.mark_predicted(project, prediction.model_version, task_id)
-        progress.add(done=1)
+        progress.record("done", task_id)
 
     # Label Studio is asked about every task of the chunk at once, the model fetches each image while it works on
     # the one before, and each prediction is posted while it works on the next: the worker's core waits for
     # Label Studio as little as possible.
     with ThreadPoolExecutor(max_workers=LABEL_STUDIO_CALLS, thread_name_prefix="label-studio") as calls:
         to_predict = []
-        for task, predicted in zip(tasks, list(calls.map(has_prediction, tasks)), strict=True):
+        has_version = calls.map(lambda task: version.name in api.prediction_versions(int(task["id"])), tasks)
+        for task, predicted in zip(tasks, list(has_version), strict=True):
             if predicted:
-                progress.mark_predicted(project, version.name, int(task["id"]))
-                progress.add(skipped=1)
+                progress.record("skipped", int(task["id"]))
                 counts["skipped"] += 1
             else:
                 to_predict.append(task)
@@ -211,7 +207,7 @@ def predict_chunk(
 
         def on_task(index: int, prediction) -> None:
             if prediction.error is not None:
-                progress.add(failed=1)
+                progress.record("failed", int(to_predict[index]["id"]))
                 counts["failed"] += 1
             else:
                 posts.append(calls.submit(post, int(to_predict[index]["id"]), prediction))

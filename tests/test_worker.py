@@ -109,6 +109,30 @@ def test_preannotate_posts_each_prediction_once_and_resumes(settings, redis, lab
     assert all(len(label_studio.predictions_for(t)) <= 1 for t in project)
 
 
+def test_a_chunk_run_again_counts_each_task_once_and_label_studio_decides_what_is_predicted(
+    settings, redis, label_studio, project
+):
+    label_studio.tasks[project[3]]["data"]["image"] = "/data/upload/7/missing.png"
+    tasks = [{"id": t, "data": label_studio.tasks[t]["data"]} for t in project]
+    RunProgress(redis, "retry-test").start(len(tasks), 7, "tiny")
+    # The post of one task fails all 3 of the SDK's tries: the job fails after posting the others; RQ runs it again.
+    label_studio.failing_prediction_posts = {project[1]: 3}
+    job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", 7, tasks, PANOPTIC, "retry-test", retry=Retry(max=1))
+    run_burst(settings, "predict")
+    job.refresh()
+    assert job.get_status() == "finished" and job.retries_left == 0  # it did fail once
+    snapshot = RunProgress(redis, "retry-test").snapshot()
+    assert (snapshot.done, snapshot.failed, snapshot.skipped) == (5, 1, 0)  # not 5 + 4 skipped + 2 failed
+    assert all(len(label_studio.predictions_for(t)) == (t != project[3]) for t in project)
+
+    label_studio.predictions.clear()  # deleted in Label Studio: the next run predicts them again
+    again = preannotate.start(settings, redis, 7)
+    run_burst(settings, "predict")
+    snapshot = preannotate.watch(redis, again, poll_s=0.01)
+    assert (snapshot.done, snapshot.failed, snapshot.skipped) == (5, 1, 0)
+    assert all(len(label_studio.predictions_for(t)) == (t != project[3]) for t in project)
+
+
 def test_missing_mode_and_prompts_reach_the_tasks(settings, redis, label_studio, project):
     label_studio.predictions.append({"id": 998, "task": project[0], "model_version": "older", "result": []})
     run = preannotate.start(settings, redis, 7, which="missing")
