@@ -3,12 +3,15 @@
 Per project (keys under `xdls:project:<id>:`):
     corrections       hash  annotation id -> the annotation's result, its task's data, who and when
     excluded          hash  annotation id -> why it is kept out of training (shown by `xdecoder-ls status`)
+    deleted           set   annotation ids deleted in Label Studio (which never reuses an id): a late event for
+                            one of them does not bring it back
     changed           set   annotation ids created or updated since the last fine-tune started (the N-trigger)
     changed_in_round  set   those the running (or a killed) fine-tune took when it started; see start_training_round
     meta              hash  latest label config, fine-tune bookkeeping
 
-Events may arrive twice or out of order (Label Studio retries; replays are harmless): the latest
-`updated_at` wins per annotation, and the trigger counts distinct annotations, not events.
+Events may arrive twice or out of order (Label Studio retries, a failed event is retried after the
+others; replays are harmless): the latest `updated_at` wins per annotation, whether it stored the
+annotation or excluded it (skipped, no task data), and the trigger counts distinct annotations, not events.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from redis import Redis
@@ -40,8 +44,30 @@ class Correction:
     label_config_hash: str
 
 
+class InvalidAnnotation(ValueError):
+    """An annotation in a webhook that cannot be stored (no usable id, no task id)."""
+
+
 def config_hash(label_config: str | None) -> str:
     return hashlib.sha1((label_config or "").strip().encode()).hexdigest()[:12]
+
+
+def as_id(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidAnnotation(f"no {what}" if value is None else f"{what} is not a number: {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidAnnotation(f"{what} is not a number: {value!r}") from None
+
+
+def _is_older(updated_at: str, than: str) -> bool:
+    """Label Studio's timestamps are ISO 8601, with or without microseconds, so they are compared as moments
+    (as strings, "10:00:43Z" would sort after "10:00:43.5Z"); anything else falls back to comparing text."""
+    try:
+        return datetime.fromisoformat(updated_at) < datetime.fromisoformat(than)
+    except (TypeError, ValueError):
+        return updated_at < than
 
 
 class CorrectionStore:
@@ -53,27 +79,31 @@ class CorrectionStore:
 
     # -------------------------------------------------------------------------------- writing
     def upsert(self, project: int, annotation: Mapping, task: Mapping, label_config: str | None) -> str:
-        """Store one annotation. Returns what happened: stored, unchanged, stale, or excluded:<reason>."""
-        annotation_id = int(annotation["id"])
-        if annotation.get("was_cancelled"):
-            self._exclude(project, annotation_id, "skipped or cancelled by the annotator")
-            return "excluded:cancelled"
+        """Store one annotation. Returns what happened: stored, unchanged, stale, deleted or excluded:<reason>.
+        Raises InvalidAnnotation if it has no usable annotation or task id."""
+        annotation_id = as_id(annotation.get("id"), "annotation id")
         correction = Correction(
             annotation_id=annotation_id,
-            task_id=int(task.get("id") or annotation.get("task")),
+            task_id=as_id(task.get("id") or annotation.get("task"), "task id"),
             data=dict(task.get("data") or {}),
             result=list(annotation.get("result") or []),
             completed_by=annotation.get("completed_by"),
             updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
             label_config_hash=config_hash(label_config),
         )
-        if not correction.data:
-            self._exclude(project, annotation_id, "the webhook carried no task data (no image to learn from)")
-            return "excluded:no_task_data"
-        existing = self.get(project, annotation_id)
-        if existing is not None and existing.updated_at > correction.updated_at:
+        if self.redis.sismember(self._key(project, "deleted"), annotation_id):
+            return "deleted"  # an event that arrived after the annotation's deletion
+        latest = self._latest_update(project, annotation_id)
+        if latest is not None and _is_older(correction.updated_at, latest):
             return "stale"  # an older event replayed after a newer one
-        if existing == correction:
+        if annotation.get("was_cancelled"):
+            self._exclude(project, annotation_id, "skipped or cancelled by the annotator", correction.updated_at)
+            return "excluded:cancelled"
+        if not correction.data:
+            reason = "the webhook carried no task data (no image to learn from)"
+            self._exclude(project, annotation_id, reason, correction.updated_at)
+            return "excluded:no_task_data"
+        if self.get(project, annotation_id) == correction:
             return "unchanged"
         with self.redis.pipeline() as pipe:
             pipe.sadd(PROJECTS, project)
@@ -85,12 +115,22 @@ class CorrectionStore:
             pipe.execute()
         return "stored"
 
+    def _latest_update(self, project: int, annotation_id: int) -> str | None:
+        """`updated_at` of the latest event applied for the annotation: the stored correction's, or that of
+        the event that excluded it."""
+        existing = self.get(project, annotation_id)
+        if existing is not None:
+            return existing.updated_at
+        raw = self.redis.hget(self._key(project, "excluded"), annotation_id)
+        return json.loads(raw).get("updated_at") if raw else None
+
     def delete(self, project: int, annotation_ids: list[int]) -> int:
         if not annotation_ids:
             return 0
         with self.redis.pipeline() as pipe:
             pipe.hdel(self._key(project, "corrections"), *annotation_ids)
             pipe.hdel(self._key(project, "excluded"), *annotation_ids)
+            pipe.sadd(self._key(project, "deleted"), *annotation_ids)
             for counter in ("changed", "changed_in_round"):  # a failed round must not give these back
                 pipe.srem(self._key(project, counter), *annotation_ids)
             removed = pipe.execute()[0]
@@ -105,8 +145,8 @@ class CorrectionStore:
         else:
             self.redis.hset(key, annotation_id, json.dumps({"reason": reason, "at": time.time()}))
 
-    def _exclude(self, project: int, annotation_id: int, reason: str) -> None:
-        record = json.dumps({"reason": reason, "at": time.time()})
+    def _exclude(self, project: int, annotation_id: int, reason: str, updated_at: str) -> None:
+        record = json.dumps({"reason": reason, "at": time.time(), "updated_at": updated_at})
         with self.redis.pipeline() as pipe:
             pipe.sadd(PROJECTS, project)
             pipe.hdel(self._key(project, "corrections"), annotation_id)

@@ -18,7 +18,7 @@ from typing import Any
 
 from redis import Redis
 
-from .corrections import CorrectionStore
+from .corrections import CorrectionStore, InvalidAnnotation, as_id
 from .inference import ModelService
 from .label_config import LabelConfigError, ProjectSpec
 from .labelstudio import LabelStudioAPI
@@ -107,22 +107,39 @@ def apply_event(payload: Mapping[str, Any]) -> str:
             store.record_rejected(action, "no annotation in the payload")
             logger.warning("webhook %s for project %s carries no annotation: ignored", action, project)
             return "rejected: no annotation"
-        outcomes = [store.upsert(project, annotation, task, label_config) for annotation, task in pairs]
+        outcomes = [_upsert(store, action, project, annotation, task, label_config) for annotation, task in pairs]
         maybe_request_finetune(ctx.redis, ctx.settings, project)
         return f"{action}: " + ", ".join(outcomes)
     if action == "ANNOTATIONS_DELETED":
-        ids = [int(a["id"]) for a in payload.get("annotations") or [] if isinstance(a, Mapping) and "id" in a]
+        ids = []
+        for annotation in payload.get("annotations") or []:
+            try:
+                ids.append(as_id(annotation.get("id") if isinstance(annotation, Mapping) else None, "annotation id"))
+            except InvalidAnnotation as error:
+                store.record_rejected(action, f"an annotation was not deleted: {error}")
         return f"deleted {store.delete(project, ids)} of {len(ids)}"
     if action == "START_TRAINING":
         if label_config:
             store.set_label_config(project, label_config)
         for task in payload.get("tasks") or []:  # the older POST /train carries the annotated tasks
-            for annotation in task.get("annotations") or []:
-                store.upsert(project, annotation, task, label_config)
+            for annotation in (task.get("annotations") or []) if isinstance(task, Mapping) else []:
+                if isinstance(annotation, Mapping):
+                    _upsert(store, action, project, annotation, task, label_config)
         job_id, queued = request_finetune(ctx.redis, ctx.settings, project, "start_training")
         return f"fine-tune {'queued' if queued else 'already queued or running'}: {job_id}"
     store.record_ignored(action)
     return f"ignored {action}"
+
+
+def _upsert(store: CorrectionStore, action: str, project: int, annotation: Mapping, task: Mapping, config) -> str:
+    """One annotation of an event; one that cannot be stored is recorded as rejected (shown by `status`) and the
+    event's other annotations are still applied."""
+    try:
+        return store.upsert(project, annotation, task, config)
+    except InvalidAnnotation as error:
+        store.record_rejected(action, f"annotation {annotation.get('id')!r} not stored: {error}")
+        logger.warning("webhook %s for project %s: annotation not stored: %s", action, project, error)
+        return f"rejected:{error}"
 
 
 def apply_events(payloads: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -155,11 +172,7 @@ def _annotation_task_pairs(payload: Mapping[str, Any]) -> list[tuple[Mapping, Ma
     if isinstance(tasks, Mapping):
         tasks = [tasks]
     tasks_by_id = {t.get("id"): t for t in tasks or [] if isinstance(t, Mapping)}
-    return [
-        (a, tasks_by_id.get(a.get("task"), {}))
-        for a in annotations or []
-        if isinstance(a, Mapping) and a.get("id") is not None
-    ]
+    return [(a, tasks_by_id.get(a.get("task"), {})) for a in annotations or [] if isinstance(a, Mapping)]
 
 
 # ------------------------------------------------------------------------------------- predictions

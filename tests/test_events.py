@@ -87,6 +87,59 @@ def test_skipped_annotations_are_not_training_data(worker_context):
     assert "cancelled" in store.excluded(3)[5]["reason"]
 
 
+def test_an_older_skip_replayed_later_does_not_remove_a_newer_correction_nor_the_reverse(worker_context):
+    store = worker_context.store
+    jobs.apply_event(created(annotation_id=5, updated_at="2026-11-23T02:00:00Z", label="Sky"))
+    old_skip = created(annotation_id=5, updated_at="2026-11-23T01:00:00Z", was_cancelled=True)
+    assert jobs.apply_event(old_skip).endswith("stale")
+    assert store.get(3, 5).result[0]["value"]["polygonlabels"] == ["Sky"]
+
+    jobs.apply_event(created(annotation_id=6, updated_at="2026-11-23T02:00:00Z", was_cancelled=True))
+    assert jobs.apply_event(created(annotation_id=6, updated_at="2026-11-23T01:00:00Z")).endswith("stale")
+    assert store.get(3, 6) is None and "cancelled" in store.excluded(3)[6]["reason"]
+
+
+def test_timestamps_compare_as_moments_with_or_without_microseconds(worker_context):
+    store = worker_context.store
+    jobs.apply_event(created(updated_at="2026-11-23T10:00:43.500000Z", label="Sky"))
+    # As text "10:00:43Z" sorts after "10:00:43.500000Z"; as a moment it is half a second earlier.
+    assert jobs.apply_event(created(updated_at="2026-11-23T10:00:43Z", label="Car")).endswith("stale")
+    assert store.get(3, 1).result[0]["value"]["polygonlabels"] == ["Sky"]
+
+
+def test_an_event_arriving_after_the_deletion_does_not_bring_the_annotation_back(worker_context):
+    store = worker_context.store
+    jobs.apply_event(created(annotation_id=1, updated_at="2026-11-23T01:00:00Z"))
+    jobs.apply_event(reference_payload("webhook_annotations_deleted.json"))  # deletes id 1
+    # e.g. an update that failed once and was retried after the deletion that followed it
+    assert jobs.apply_event(created(annotation_id=1, updated_at="2026-11-23T02:00:00Z")).endswith("deleted")
+    assert store.get(3, 1) is None and store.count(3) == 0 and store.changed_count(3) == 0
+
+
+def test_a_malformed_annotation_is_rejected_alone_and_the_rest_of_the_event_is_stored(worker_context, settings, redis):
+    no_task = {"id": 8, "result": [], "updated_at": "2026-11-23T00:00:00Z"}
+    bulk = {
+        "action": "ANNOTATIONS_CREATED",
+        "project": created()["project"],
+        "annotation": [created(7, 70)["annotation"], no_task, {"id": "x9"}, created(9, 90)["annotation"]],
+        "task": [created(7, 70)["task"], created(9, 90)["task"]],
+    }
+    outcome = jobs.apply_event(bulk)
+    assert outcome == (
+        "ANNOTATIONS_CREATED: stored, rejected:no task id, rejected:annotation id is not a number: 'x9', stored"
+    )
+    store = worker_context.store
+    assert store.get(3, 7).task_id == 70 and store.get(3, 9).task_id == 90 and store.count(3) == 2
+    deleted = jobs.apply_event({"action": "ANNOTATIONS_DELETED", "project": 3, "annotations": [{"id": 7}, {}]})
+    assert deleted == "deleted 1 of 1" and store.get(3, 7) is None
+    reasons = [e["reason"] for e in collect(settings, redis, "test")["events_rejected"]]
+    assert reasons[:3] == [
+        "an annotation was not deleted: no annotation id",
+        "annotation 'x9' not stored: annotation id is not a number: 'x9'",
+        "annotation 8 not stored: no task id",
+    ]
+
+
 def test_other_actions_and_broken_events_are_acknowledged_and_visible_in_status(worker_context, settings, redis):
     assert jobs.apply_event({"action": "PROJECT_UPDATED", "project": {"id": 3}}) == "ignored PROJECT_UPDATED"
     assert jobs.apply_event({"action": "ANNOTATION_CREATED", "project": {"id": 3}}).startswith("rejected")
