@@ -28,7 +28,7 @@ from .brush import polygon_to_mask, rle_to_mask
 from .corrections import Correction, CorrectionStore
 from .images import ImageFetchError
 from .label_config import ImageSpec, LabelConfigError, PanopticVocabulary, ProjectSpec
-from .learning import release_claim
+from .learning import forget_rerun_request, release_claim
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
     summary also kept in the store for `xdecoder-ls status`: status served / rejected / skipped, and figures."""
     store: CorrectionStore = ctx.store
     started = time.time()
+    forget_rerun_request(ctx.redis, project)
     changes = store.start_training_round(project)
     store.record_finetune(project, status="running", started_at=started, reason=reason, progress="preparing")
     try:
@@ -63,11 +64,9 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
             project, status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time()
         )
         raise
-    else:
-        store.end_training_round(project, succeeded=True)
-        store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
-    finally:
-        release_claim(ctx.redis, project)  # last: the next fine-tune may start as soon as it is released
+    store.end_training_round(project, succeeded=True)
+    store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
+    release_claim(ctx.redis, ctx.settings, project)  # last: the next fine-tune may start as soon as it is released
     logger.info("project %s fine-tune finished in %.0f s: %s", project, time.time() - started, summary)
     return summary
 

@@ -3,7 +3,11 @@
 Triggers: N new corrections in a project since its last fine-tune (XDECODER_FINETUNE_EVERY, default
 50), Label Studio's "Start Training" (START_TRAINING webhook or POST /train), and a nightly schedule
 (XDECODER_FINETUNE_CRON, default "0 2 * * *"). At most one fine-tune per project is queued or running
-at a time: a trigger that finds one folds into it.
+at a time: a trigger that finds one folds into it. A fine-tune that failed keeps the project's claim while
+RQ waits to retry it (the retry is the fine-tune the next triggers fold into). A trigger other than the
+N-corrections one that folds into a fine-tune already running (a Start Training pressed during it) is
+remembered: when that fine-tune ends, a new one is queued if corrections arrived meanwhile, as the
+N-trigger does when N of them did.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import uuid
 from redis import Redis
 from redis.exceptions import WatchError
 from rq.exceptions import NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from .corrections import PREFIX, CorrectionStore
 from .queues import LIVE_JOB_STATES, POLICIES, TRAIN, enqueue
@@ -24,6 +28,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 ENQUEUE_GRACE_S = 60  # a claim younger than this counts as live even before its job exists
+RERUN_REQUEST = "finetune_rerun_requested"  # meta field: the reason of a trigger that folded into a running job
 
 
 # --------------------------------------------------------------------------------------- triggers
@@ -39,9 +44,13 @@ def request_finetune(redis: Redis, settings: Settings, project: int, reason: str
             try:
                 pipe.watch(key)
                 current = pipe.get(key)
-                if current is not None and _claim_is_live(redis, current.decode()):
+                status = _claimed_job_status(redis, current.decode()) if current is not None else None
+                if status in LIVE_JOB_STATES:
                     pipe.unwatch()
-                    redis.hincrby(f"{PREFIX}:project:{project}:meta", "finetune_folded_triggers", 1)
+                    meta = f"{PREFIX}:project:{project}:meta"
+                    redis.hincrby(meta, "finetune_folded_triggers", 1)
+                    if status == JobStatus.STARTED and reason != "corrections":
+                        redis.hset(meta, RERUN_REQUEST, reason)
                     logger.info("project %s: fine-tune trigger (%s) folded into %s", project, reason, current.decode())
                     return current.decode().split("|")[0], False
                 job_id = f"finetune-p{project}-{uuid.uuid4().hex[:8]}"
@@ -56,12 +65,14 @@ def request_finetune(redis: Redis, settings: Settings, project: int, reason: str
     return job_id, True
 
 
-def _claim_is_live(redis: Redis, claim: str) -> bool:
+def _claimed_job_status(redis: Redis, claim: str) -> JobStatus | None:
+    """The status of the claim's job; a claim younger than ENQUEUE_GRACE_S whose job does not exist yet counts as
+    queued."""
     job_id, _, claimed_at = claim.partition("|")
     try:
-        return Job.fetch(job_id, connection=redis).get_status() in LIVE_JOB_STATES
+        return Job.fetch(job_id, connection=redis).get_status()
     except NoSuchJobError:
-        return time.time() - float(claimed_at or 0) < ENQUEUE_GRACE_S
+        return JobStatus.QUEUED if time.time() - float(claimed_at or 0) < ENQUEUE_GRACE_S else None
 
 
 def maybe_request_finetune(redis: Redis, settings: Settings, project: int) -> str | None:
@@ -72,6 +83,20 @@ def maybe_request_finetune(redis: Redis, settings: Settings, project: int) -> st
     return None
 
 
-def release_claim(redis: Redis, project: int) -> None:
-    """Called when a fine-tune ends, so the next trigger queues a new one."""
+def forget_rerun_request(redis: Redis, project: int) -> None:
+    """Called as a fine-tune starts: it takes every correction stored so far, so earlier requests are met."""
+    redis.hdel(f"{PREFIX}:project:{project}:meta", RERUN_REQUEST)
+
+
+def release_claim(redis: Redis, settings: Settings, project: int) -> str | None:
+    """Called when a fine-tune has succeeded, so the next trigger queues a new one; queues that one at once if a
+    trigger folded into the fine-tune while it ran, or N corrections arrived meanwhile, and corrections did.
+    Returns the new job's id, if any. (A fine-tune that failed keeps its claim: its job is scheduled for a retry,
+    or failed for good, and then the claim no longer holds.)"""
     redis.delete(_claim_key(project))
+    requested = redis.hget(f"{PREFIX}:project:{project}:meta", RERUN_REQUEST)
+    forget_rerun_request(redis, project)
+    if requested is not None and CorrectionStore(redis).changed_count(project) > 0:
+        job_id, _ = request_finetune(redis, settings, project, f"{requested.decode()} (during the last fine-tune)")
+        return job_id
+    return maybe_request_finetune(redis, settings, project)

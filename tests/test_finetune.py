@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 from label_studio_sdk.converter.brush import mask2rle
+from rq import Queue
 
 from backend import jobs
 from backend.finetune import Unusable, regions_to_target
 from backend.label_config import PanopticVocabulary, ProjectSpec
 from backend.learning import request_finetune
+from backend.queues import TRAIN
 from backend.status import collect
+from backend.worker import ModelWorker
 from tests.standin_ls import png
 from xdecoder.training import FineTuner
 
@@ -122,10 +125,25 @@ def test_a_fine_tune_that_does_not_gain_enough_is_kept_but_not_served(worker_con
     assert worker_context.service.current_version(PROJECT).is_base
 
 
-def test_a_crash_during_training_leaves_no_version_and_frees_the_project(worker_context, label_studio, monkeypatch):
+def run_train_jobs(context) -> None:
+    """The train queue's jobs, in this process (with the test's context and monkeypatches), until it is empty."""
+    ModelWorker([Queue(TRAIN, connection=context.redis)], connection=context.redis).work(burst=True)
+
+
+def retry_now(context, job_id: str) -> None:
+    """What RQ's scheduler does when a failed job's retry interval is over."""
+    queue = Queue(TRAIN, connection=context.redis)
+    queue.scheduled_job_registry.remove(job_id)
+    queue.enqueue_job(queue.fetch_job(job_id))
+
+
+def test_a_crash_during_training_leaves_no_version_and_holds_the_project_until_the_retries_are_over(
+    worker_context, label_studio, monkeypatch
+):
     for annotation_id in range(1, 4):
         store_correction(worker_context, label_studio, annotation_id, scene_regions())
-    job_id, queued = request_finetune(worker_context.redis, worker_context.settings, PROJECT, "start_training")
+    redis, settings = worker_context.redis, worker_context.settings
+    job_id, queued = request_finetune(redis, settings, PROJECT, "start_training")
     assert queued
     assert worker_context.store.changed_count(PROJECT) == 3
 
@@ -133,8 +151,7 @@ def test_a_crash_during_training_leaves_no_version_and_frees_the_project(worker_
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(FineTuner, "step", crash)
-    with pytest.raises(RuntimeError, match="simulated"):
-        jobs.finetune(PROJECT, "start_training")
+    run_train_jobs(worker_context)
 
     registry = worker_context.service.registry
     assert [v.name for v in registry.all(PROJECT)] == [registry.base.name]
@@ -142,9 +159,55 @@ def test_a_crash_during_training_leaves_no_version_and_frees_the_project(worker_
     assert worker_context.service.current_version(PROJECT).is_base
     meta = worker_context.store.meta(PROJECT)
     assert meta["finetune_status"] == "failed" and "simulated" in meta["finetune_error"]
-    _, queued_again = request_finetune(worker_context.redis, worker_context.settings, PROJECT, "start_training")
-    assert queued_again  # the claim was released: the next trigger queues a new fine-tune
-    assert worker_context.store.changed_count(PROJECT) == 3  # the failed round gave its changes back
+    assert worker_context.store.changed_count(PROJECT) == 3  # given back for the retry
+    job = Queue(TRAIN, connection=redis).fetch_job(job_id)
+    for _ in range(2):  # RQ retries a fine-tune twice; triggers meanwhile fold into the retry
+        assert job.get_status(refresh=True) == "scheduled"
+        assert request_finetune(redis, settings, PROJECT, "start_training") == (job_id, False)
+        retry_now(worker_context, job_id)
+        run_train_jobs(worker_context)
+    job.refresh()
+    assert job.get_status() == "failed" and job.retries_left == 0
+    new_job, queued_again = request_finetune(redis, settings, PROJECT, "start_training")
+    assert queued_again and new_job != job_id  # failed for good: the next trigger queues a new fine-tune
+
+
+def test_a_start_training_during_a_fine_tune_queues_the_next_one_if_corrections_arrived_meanwhile(
+    worker_context, label_studio, monkeypatch
+):
+    for annotation_id in range(1, 4):
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    redis, settings = worker_context.redis, worker_context.settings
+    train = Queue(TRAIN, connection=redis)
+    during_the_run = []
+    step = FineTuner.step
+
+    def step_with_events(tuner, *args, **kwargs):
+        for event in during_the_run:
+            assert jobs.apply_event(event).startswith(("fine-tune already queued", "ANNOTATION_CREATED: stored"))
+        during_the_run.clear()
+        return step(tuner, *args, **kwargs)
+
+    monkeypatch.setattr(FineTuner, "step", step_with_events)
+    start_training = {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG}}
+    during_the_run.append(start_training)  # nothing new to learn from: no second fine-tune
+    request_finetune(redis, settings, PROJECT, "start_training")
+    run_train_jobs(worker_context)
+    assert train.count == 0 and worker_context.store.meta(PROJECT)["finetune_progress"] == "done"
+
+    image = label_studio.upload("scene-9.png", png(seed=9), project=PROJECT)
+    correction = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": PROJECT, "label_config": CONFIG},
+        "annotation": {"id": 9, "task": 109, "result": scene_regions(), "updated_at": "2026-11-23T09:00:00Z"},
+        "task": {"id": 109, "data": {"image": image}},
+    }
+    during_the_run.extend([correction, start_training])
+    first, _ = request_finetune(redis, settings, PROJECT, "start_training")
+    ModelWorker([train], connection=redis).work(burst=True, max_jobs=1)
+    (follow_up,) = train.jobs
+    assert follow_up.id != first and follow_up.args == (PROJECT, "start_training (during the last fine-tune)")
+    assert worker_context.store.changed_count(PROJECT) == 1  # annotation 9, for the follow-up to learn from
 
 
 def test_changes_taken_by_a_round_that_never_ended_count_in_the_next(worker_context, label_studio):
