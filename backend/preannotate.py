@@ -88,11 +88,20 @@ def start(
     run = PreannotateRun(f"run-p{project}-{uuid.uuid4().hex[:8]}", project, version, len(tasks) + skipped, [])
     progress = RunProgress(redis, run.run_id)
     progress.start(run.total, project, version, skipped_when_listed=skipped)
-    for begin in range(0, len(tasks), chunk_size):
-        chunk = [with_prompts(t, spec, prompts) for t in tasks[begin : begin + chunk_size]]
-        job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, chunk, label_config, run.run_id)
-        run.job_ids.append(job.id)
+    payloads = [with_prompts(t, spec, prompts) for t in tasks]
+    run.job_ids = enqueue_chunks(redis, project, payloads, label_config, run.run_id, chunk_size)
     return run
+
+
+def enqueue_chunks(
+    redis: Redis, project: int, tasks: list[dict], label_config: str | None, run_id: str, chunk_size: int = CHUNK_SIZE
+) -> list[str]:
+    """Queue `tasks` (as /predict receives them) on the predict queue in chunks; returns the job ids."""
+    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    return [
+        enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, chunk, label_config, run_id).id
+        for chunk in chunks
+    ]
 
 
 def watch(redis: Redis, run: PreannotateRun, poll_s: float = POLL_S) -> ProgressSnapshot:

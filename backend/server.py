@@ -19,6 +19,7 @@ import gc
 import logging
 import secrets
 import time
+import uuid
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -27,12 +28,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from redis import Redis
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .inference import ModelService
 from .label_config import LabelConfigError, ProjectSpec
-from .queues import PREDICT, connect, enqueue
+from .preannotate import enqueue_chunks
+from .queues import connect
 from .schemas import PredictRequest, SetupRequest, TrainRequest
 from .settings import Settings, get_settings
 from .versions import project_id
@@ -162,8 +165,8 @@ def create_app(
         return {"results": [p.to_label_studio() for p in outcome.predictions]}
 
     def hand_over(redis: Redis, project: int | None, label_config: str | None, tasks: list[dict]) -> None:
-        """Tasks /predict had no time for go to the pre-annotation workers, which post their predictions
-        to Label Studio themselves."""
+        """Tasks /predict had no time for go to the pre-annotation workers, in chunks, which post their predictions
+        to Label Studio themselves. If that fails, Label Studio still gets the answer with what was finished."""
         if project is None or not settings.label_studio_url or settings.label_studio_api_key is None:
             logger.error(
                 "%d tasks were not predicted within %.0f s and cannot be handed to the workers: "
@@ -172,8 +175,17 @@ def create_app(
                 settings.predict_budget_s,
             )
             return
-        job = enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, tasks, label_config)
-        logger.info("%d tasks handed to the predict queue (job %s)", len(tasks), job.id)
+        run_id = f"handover-p{project}-{uuid.uuid4().hex[:8]}"
+        try:
+            jobs = enqueue_chunks(redis, project, tasks, label_config, run_id)
+        except RedisError as error:
+            logger.error(
+                "%d tasks were not predicted within %.0f s and cannot be handed to the workers (%s): "
+                "run `xdecoder-ls preannotate --project %s --tasks missing`",
+                len(tasks), settings.predict_budget_s, error, project,
+            )  # fmt: skip
+            return
+        logger.info("%d tasks handed to the predict queue (run %s, %d jobs)", len(tasks), run_id, len(jobs))
 
     @app.post("/train", dependencies=[Depends(require_auth)])
     async def train(payload: TrainRequest, request: Request) -> dict:

@@ -18,6 +18,7 @@ from rq import Queue
 from backend import metrics
 from backend.brush import rle_to_mask
 from backend.label_config import ProjectSpec
+from backend.preannotate import CHUNK_SIZE
 from backend.server import create_app
 from backend.webhooks import WebhookInbox
 from tests.conftest import reference_payload
@@ -308,17 +309,30 @@ def test_a_webhook_that_cannot_be_stored_is_a_503(settings):
     assert response.status_code == 503 and "could not be stored" in response.json()["detail"]
 
 
-def test_tasks_past_the_time_budget_go_to_the_workers(settings, redis, image_url):
+def test_tasks_past_the_time_budget_go_to_the_workers_in_chunks(settings, redis, image_url):
     settings = settings.model_copy(update={"predict_budget_s": 1e-6})
     with TestClient(create_app(settings)) as client:
-        tasks = [{"id": i, "data": {"image": image_url}} for i in (21, 22, 23)]
+        tasks = [{"id": i, "data": {"image": image_url}} for i in range(21, 21 + CHUNK_SIZE + 3)]
         results = predict(client, tasks).json()["results"]
     # Nothing can finish in a microsecond: every task gets a placeholder that Label Studio will not
     # mistake for a prediction of the current version, and all of them go to the predict queue.
-    assert [r["model_version"] for r in results] == ["tiny/pending"] * 3
-    (job,) = Queue("predict", connection=redis).jobs
-    project, handed, _config = job.args
-    assert project == 3 and [t["id"] for t in handed] == [21, 22, 23]
+    assert [r["model_version"] for r in results] == ["tiny/pending"] * len(tasks)
+    jobs = Queue("predict", connection=redis).jobs
+    assert [len(job.args[1]) for job in jobs] == [CHUNK_SIZE, 3]
+    assert [t["id"] for job in jobs for t in job.args[1]] == [t["id"] for t in tasks]
+    assert {job.args[0] for job in jobs} == {3} and len({job.args[3] for job in jobs}) == 1  # one run
+
+
+def test_predict_still_answers_when_the_leftovers_cannot_be_queued(settings, image_url, caplog):
+    from redis import Redis
+
+    settings = settings.model_copy(update={"predict_budget_s": 1e-6})
+    unreachable = Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.5)
+    with TestClient(create_app(settings, redis=unreachable)) as client:
+        response = predict(client, [{"id": 21, "data": {"image": image_url}}])
+    assert response.status_code == 200
+    assert [r["model_version"] for r in response.json()["results"]] == ["tiny/pending"]
+    assert "cannot be handed to the workers" in caplog.text and "--tasks missing" in caplog.text
 
 
 def test_exif_orientation_sets_the_original_size(client, label_studio):
