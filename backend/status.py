@@ -11,7 +11,7 @@ from redis import Redis
 from rich.console import Console
 from rich.table import Table
 from rq import Queue, Worker
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from .corrections import IGNORED_ACTIONS, REJECTED_EVENTS, CorrectionStore
 from .queues import QUEUE_NAMES
@@ -36,6 +36,7 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
         queues[name] = {
             "queued": queue.count,
             "running": StartedJobRegistry(queue=queue).get_job_ids(),
+            "retrying": ScheduledJobRegistry(queue=queue).get_job_ids(),  # failed, waiting for their next try
             "failed": failed.count,
             "failed_jobs": failed_jobs,
         }
@@ -70,9 +71,10 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
 
 def render(status: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]Redis[/] {status['redis']}   [bold]base model[/] {status['base_model_version']}")
-    table = Table("queue", "queued", "running", "failed", title="Queues")
+    table = Table("queue", "queued", "running", "waiting to retry", "failed", title="Queues")
     for name, queue in status["queues"].items():
-        table.add_row(name, str(queue["queued"]), str(len(queue["running"])), str(queue["failed"]))
+        counts = queue["queued"], len(queue["running"]), len(queue["retrying"]), queue["failed"]
+        table.add_row(name, *map(str, counts))
     console.print(table)
     for name, queue in status["queues"].items():
         for job in queue["failed_jobs"]:

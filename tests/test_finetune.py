@@ -160,6 +160,8 @@ def test_a_crash_during_training_leaves_no_version_and_holds_the_project_until_t
     meta = worker_context.store.meta(PROJECT)
     assert meta["finetune_status"] == "failed" and "simulated" in meta["finetune_error"]
     assert worker_context.store.changed_count(PROJECT) == 3  # given back for the retry
+    train_status = collect(settings, redis, "test")["queues"][TRAIN]
+    assert train_status["retrying"] == [job_id] and train_status["failed"] == 0
     job = Queue(TRAIN, connection=redis).fetch_job(job_id)
     for _ in range(2):  # RQ retries a fine-tune twice; triggers meanwhile fold into the retry
         assert job.get_status(refresh=True) == "scheduled"
@@ -168,6 +170,9 @@ def test_a_crash_during_training_leaves_no_version_and_holds_the_project_until_t
         run_train_jobs(worker_context)
     job.refresh()
     assert job.get_status() == "failed" and job.retries_left == 0
+    train_status = collect(settings, redis, "test")["queues"][TRAIN]
+    assert train_status["retrying"] == [] and train_status["failed"] == 1
+    assert "simulated" in train_status["failed_jobs"][0]["error"]
     new_job, queued_again = request_finetune(redis, settings, PROJECT, "start_training")
     assert queued_again and new_job != job_id  # failed for good: the next trigger queues a new fine-tune
 
