@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.job import JobStatus
 
@@ -64,7 +66,9 @@ class EmbeddedRedis:
         if not self.socket.exists():
             return False
         try:
-            return bool(Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1).ping())
+            # No retries: redis-py's default ones take 3.5 s to report a server that is not there.
+            probe = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1, retry=RedisRetry(NoBackoff(), 0))
+            return bool(probe.ping())
         except OSError:
             return False
         except Exception:  # redis' ConnectionError and friends: a stale socket file
@@ -129,8 +133,14 @@ class EmbeddedRedis:
             Redis(unix_socket_path=str(self.socket)).shutdown(save=True)
 
 
+def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
+    """The embedded Redis, or None when REDIS_URL names one that is not ours to start."""
+    return None if settings.redis_url else EmbeddedRedis(settings.model_dir / "redis")
+
+
 def redis_url(settings: Settings) -> str:
-    return settings.redis_url or EmbeddedRedis(settings.model_dir / "redis").ensure_running()
+    embedded = embedded_redis(settings)
+    return embedded.ensure_running() if embedded else settings.redis_url
 
 
 def connect(settings: Settings) -> Redis:

@@ -35,7 +35,7 @@ from . import metrics
 from .inference import ModelService
 from .label_config import LabelConfigError, ProjectSpec
 from .preannotate import enqueue_chunks
-from .queues import connect
+from .queues import connect, embedded_redis
 from .schemas import PredictRequest, SetupRequest, TrainRequest
 from .settings import Settings, get_settings
 from .versions import project_id
@@ -100,7 +100,8 @@ def create_app(
     async def lifespan(app: FastAPI):
         app.state.service = service or await run_in_threadpool(ModelService, settings)
         app.state.redis = redis or connect(settings)
-        app.state.webhooks = WebhookInbox(app.state.redis)
+        embedded = embedded_redis(settings) if redis is None else None
+        app.state.webhooks = WebhookInbox(app.state.redis, restart_redis=embedded and embedded.ensure_running)
         _freeze_what_is_loaded()
         yield
         if service is None:

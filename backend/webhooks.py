@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from pydantic import ValidationError
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.types import Receive, Scope, Send
 
 from . import metrics
@@ -41,9 +43,11 @@ BURST_GATHER_S = 0.004
 class WebhookInbox:
     """Writes webhook events to the `events` queue, many per job when they arrive together."""
 
-    def __init__(self, redis: Redis, max_batch: int = MAX_BATCH):
+    def __init__(self, redis: Redis, max_batch: int = MAX_BATCH, restart_redis: Callable[[], object] | None = None):
+        """`restart_redis`: starts the embedded Redis again if it has died (None with REDIS_URL: not ours)."""
         self.redis = redis
         self.max_batch = max_batch
+        self.restart_redis = restart_redis
         self._pending: list[tuple[dict, asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
 
@@ -66,7 +70,7 @@ class WebhookInbox:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 events = [event for event, _ in batch]
                 try:
-                    job = await asyncio.to_thread(enqueue, self.redis, EVENTS, "backend.jobs.apply_events", events)
+                    job = await asyncio.to_thread(self._enqueue, events)
                 except Exception as error:  # Redis unreachable: every request of the batch answers 503
                     logger.exception("could not store %d webhook events", len(events))
                     for _, stored in batch:
@@ -82,6 +86,16 @@ class WebhookInbox:
             for _, stored in [*batch, *self._pending]:
                 if not stored.done():
                     stored.set_exception(RuntimeError("the server stopped before the event was stored"))
+
+    def _enqueue(self, events: list[dict]):
+        try:
+            return enqueue(self.redis, EVENTS, "backend.jobs.apply_events", events)
+        except RedisConnectionError:
+            if self.restart_redis is None:
+                raise
+            logger.warning("the embedded Redis is not answering: starting it again")
+            self.restart_redis()  # its append-only file brings back every event stored before it died
+            return enqueue(self.redis, EVENTS, "backend.jobs.apply_events", events)
 
 
 class WebhookRoute:

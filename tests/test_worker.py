@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -86,6 +90,25 @@ def test_events_survive_a_redis_crash_between_acknowledge_and_processing(setting
     run_burst(settings, "events")
     assert CorrectionStore(Redis.from_url(url)).count(3) == 5
     server.stop()
+
+
+def test_the_server_starts_its_embedded_redis_again_if_it_dies(settings):
+    model_dir = Path(tempfile.mkdtemp(prefix="xdls-"))  # short: the socket's path has a length limit
+    settings = settings.model_copy(update={"redis_url": None, "model_dir": model_dir})
+    server = EmbeddedRedis(model_dir / "redis")
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert server.running()
+            assert client.post("/webhook", json=reference_payload("webhook_annotation_created.json")).status_code == 200
+            os.kill(int((model_dir / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+            wait_until(lambda: not server.running(), timeout=10)
+            response = client.post("/webhook", json=reference_payload("webhook_start_training.json"))
+            assert response.status_code == 200 and server.running()
+        events = Queue("events", connection=Redis.from_url(server.url)).jobs
+        assert [job.args[0][0]["action"] for job in events] == ["ANNOTATION_CREATED", "START_TRAINING"]
+    finally:
+        server.stop()
+        shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def test_preannotate_posts_each_prediction_once_and_resumes(settings, redis, label_studio, project):
