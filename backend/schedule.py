@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from datetime import UTC, datetime
 
 from croniter import croniter
@@ -25,6 +24,7 @@ class NightlySchedule:
             raise ValueError(f"XDECODER_FINETUNE_CRON is not a cron expression: {settings.finetune_cron!r}")
         self.redis = redis
         self.expression = settings.finetune_cron
+        self._stopped = threading.Event()
 
     def next_firing(self, after: datetime) -> datetime:
         return croniter(self.expression, after).get_next(datetime)
@@ -43,11 +43,15 @@ class NightlySchedule:
         thread.start()
         return thread
 
+    def stop(self) -> None:
+        self._stopped.set()
+
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             now = datetime.now(UTC)
             firing = self.next_firing(now)
-            time.sleep(max(0.0, (firing - now).total_seconds()))
+            if self._stopped.wait(max(0.0, (firing - now).total_seconds())):
+                return
             try:
                 self.fire(firing)
             except Exception:  # a Redis hiccup must not end the schedule

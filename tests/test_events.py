@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import time
+from datetime import UTC, datetime
 
 import pytest
 from rq import Queue
@@ -10,6 +12,7 @@ from rq import Queue
 from backend import jobs
 from backend.corrections import CorrectionStore
 from backend.learning import request_finetune
+from backend.schedule import NightlySchedule
 from backend.status import collect
 from tests.conftest import reference_payload
 
@@ -207,3 +210,48 @@ def test_a_batch_applies_its_events_in_order_and_an_event_that_fails_is_retried_
     (retry,) = Queue("events", connection=worker_context.redis).jobs
     assert retry.func_name == "backend.jobs.apply_event" and retry.args[0]["annotation"]["id"] == 2
     assert worker_context.store.count(3) == 2
+
+
+def test_the_nightly_schedule_fires_once_per_firing_across_workers(settings, redis):
+    schedule = NightlySchedule(redis, settings)  # the default "0 2 * * *", in UTC
+    assert schedule.next_firing(datetime(2026, 12, 2, 3, 0, tzinfo=UTC)) == datetime(2026, 12, 3, 2, 0, tzinfo=UTC)
+    firing = datetime(2026, 12, 3, 2, 0, tzinfo=UTC)
+    other_worker = NightlySchedule(redis, settings)
+    assert schedule.fire(firing) and not other_worker.fire(firing)
+    assert schedule.fire(datetime(2026, 12, 4, 2, 0, tzinfo=UTC))  # the next night
+    assert [job.func_name for job in Queue("train", connection=redis).jobs] == ["backend.jobs.nightly_finetunes"] * 2
+
+
+def test_the_nightly_schedule_runs_in_its_thread(settings, redis):
+    every_second = settings.model_copy(update={"finetune_cron": "* * * * * *"})  # croniter's seconds field
+    schedule = NightlySchedule(redis, every_second)
+    thread = schedule.start()
+    try:
+        deadline = time.monotonic() + 10
+        while Queue("train", connection=redis).count == 0:
+            assert time.monotonic() < deadline, "the schedule's thread queued nothing"
+            time.sleep(0.05)
+    finally:
+        schedule.stop()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert Queue("train", connection=redis).jobs[0].func_name == "backend.jobs.nightly_finetunes"
+
+
+def test_a_cron_expression_that_is_not_one_is_refused(settings, redis):
+    with pytest.raises(ValueError, match="XDECODER_FINETUNE_CRON"):
+        NightlySchedule(redis, settings.model_copy(update={"finetune_cron": "at two every night"}))
+
+
+def test_the_nightly_job_queues_a_fine_tune_for_each_project_with_new_corrections(worker_context, settings, redis):
+    jobs.apply_event(created(annotation_id=1))  # project 3
+    other = created(annotation_id=2)
+    other["project"]["id"] = 4
+    jobs.apply_event(other)
+    worker_context.store.start_training_round(4)  # project 4's correction was learnt from
+    worker_context.store.end_training_round(4, succeeded=True)
+    queued = jobs.nightly_finetunes()
+    (job,) = Queue("train", connection=redis).jobs
+    assert queued == [job.id] and job.args == (3, "nightly")
+    assert jobs.nightly_finetunes() == [job.id]  # the next night, while it still waits: folded into it
+    assert Queue("train", connection=redis).count == 1
