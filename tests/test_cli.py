@@ -84,3 +84,13 @@ def test_bad_arguments_fail_clearly(settings, bad):
     result = run(settings, *bad)
     assert result.returncode != 0
     assert "nope" in result.stderr or "--project" in result.stderr
+
+
+def test_worker_device_flag_chooses_where_the_model_loads(settings, redis):
+    elsewhere = settings.model_copy(update={"device": "cuda:7"})  # no such device here: only --device can save it
+    command = ["worker", "--queues", "predict", "--burst"]
+    refused = run(elsewhere, *command)
+    assert refused.returncode != 0 and "cuda" in refused.stderr.lower()
+    loaded = run(elsewhere, "--log-level", "INFO", *command, "--device", "cpu")
+    assert loaded.returncode == 0, loaded.stderr
+    assert " on cpu in " in loaded.stderr

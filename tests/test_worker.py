@@ -156,10 +156,14 @@ def test_a_chunk_run_again_counts_each_task_once_and_label_studio_decides_what_i
     assert all(len(label_studio.predictions_for(t)) == (t != project[3]) for t in project)
 
 
-def test_missing_mode_and_prompts_reach_the_tasks(settings, redis, label_studio, project):
+def test_missing_mode_leaves_out_tasks_with_a_prediction_of_any_version(settings, redis, label_studio, project):
+    # (the --prompt path is in tests/test_cli.py)
     label_studio.predictions.append({"id": 998, "task": project[0], "model_version": "older", "result": []})
+    label_studio.predictions.append({"id": 997, "task": project[1], "model_version": "tiny/pending", "result": []})
     run = preannotate.start(settings, redis, 7, which="missing")
     assert run.total == 6 and RunProgress(redis, run.run_id).snapshot().skipped == 1
+    queued = [task["id"] for job in Queue(PREDICT, connection=redis).jobs for task in job.args[1]]
+    assert queued == project[1:]  # a placeholder is not a prediction
 
 
 def test_a_killed_worker_has_its_job_rerun_without_duplicate_predictions(settings, redis, label_studio, project):
@@ -245,3 +249,20 @@ def test_a_predict_worker_connects_to_label_studio_at_start_and_says_when_it_can
     assert "Label Studio is configured" not in burst(settings)
     unconfigured = burst(settings.model_copy(update={"label_studio_url": None}))
     assert "predict jobs will fail until Label Studio is configured: LABEL_STUDIO_URL" in unconfigured
+
+
+def test_each_queue_gives_its_jobs_its_own_timeout_retries_and_failure_retention(settings, redis, project):
+    from backend.learning import request_finetune
+    from backend.queues import EVENTS, POLICIES, TRAIN
+
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/webhook", json=reference_payload("webhook_annotation_created.json")).status_code == 200
+    request_finetune(redis, settings, 7, "command")
+    preannotate.start(settings, redis, 7)
+    for name in (EVENTS, PREDICT, TRAIN):
+        (job,) = Queue(name, connection=redis).jobs
+        policy = POLICIES[name]
+        assert (job.timeout, job.retries_left, job.retry_intervals, job.failure_ttl) == (
+            policy.job_timeout, policy.retry.max, policy.retry.intervals, policy.failure_ttl
+        )  # fmt: skip
+    assert len({POLICIES[name].job_timeout for name in (EVENTS, PREDICT, TRAIN)}) == 3
