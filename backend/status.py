@@ -31,7 +31,8 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
         failed_jobs = []
         for job in queue.job_class.fetch_many(failed.get_job_ids()[:FAILED_SHOWN], connection=redis):
             if job is not None:
-                error = (job.exc_info or "").strip().splitlines()
+                latest = job.latest_result()
+                error = ((latest.exc_string if latest else None) or "").strip().splitlines()
                 failed_jobs.append({"id": job.id, "function": job.func_name, "error": error[-1] if error else ""})
         queues[name] = {
             "queued": queue.count,

@@ -23,9 +23,11 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from . import metrics
+from .corrections import CorrectionStore
 from .queues import EVENTS, enqueue
 from .schemas import WebhookEvent
 
@@ -119,6 +121,7 @@ class WebhookRoute:
         try:
             event = WebhookEvent.model_validate_json(body)
         except ValidationError as error:
+            await asyncio.to_thread(_record_refused, self.app.state.redis, body, error)
             return await _answer_raw(send, 422, b'{"detail":' + error.json(include_url=False).encode() + b"}")
         inbox: WebhookInbox = self.app.state.webhooks
         try:
@@ -127,6 +130,19 @@ class WebhookRoute:
             return await _answer(send, 503, {"detail": "the event could not be stored; Redis is unreachable"})
         metrics.WEBHOOKS.labels(action=event.action).inc()
         return await _answer(send, 200, {"status": "ok", "job": job_id})
+
+
+def _record_refused(redis: Redis, body: bytes, error: ValidationError) -> None:
+    """A webhook refused as malformed is listed by `xdecoder-ls status` with the reason, like one a worker rejects."""
+    try:
+        action = json.loads(body).get("action")
+    except (ValueError, AttributeError):
+        action = None
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:3])
+    try:
+        CorrectionStore(redis).record_rejected(str(action or "(no action)"), f"refused with 422: {problems}")
+    except RedisError:
+        logger.warning("a malformed webhook was refused (%s) and could not be recorded", problems)
 
 
 async def _read_body(receive: Receive) -> bytes | None:

@@ -20,6 +20,7 @@ from backend.brush import rle_to_mask
 from backend.label_config import ProjectSpec
 from backend.preannotate import CHUNK_SIZE
 from backend.server import create_app
+from backend.status import collect
 from backend.webhooks import WebhookInbox
 from tests.conftest import reference_payload
 from tests.helpers import tiny_model
@@ -200,6 +201,24 @@ def test_a_project_that_is_not_a_project_reference_is_4xx(client, redis, route):
     response = client.post(route, json={"project": "abc", "tasks": [], "schema": "<View/>"})
     assert response.status_code == 422 and "project" in response.text
     assert Queue("events", connection=redis).count == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "action", "reason"),
+    [
+        (b'{"project": {"id": 3}}', "(no action)", "action: Field required"),
+        (b'{"action": "ANNOTATION_CREATED", "project": "abc"}', "ANNOTATION_CREATED", "project"),
+        (b"not json", "(no action)", "body: Invalid JSON"),
+    ],
+)
+def test_a_malformed_webhook_is_refused_and_listed_in_status_with_the_reason(
+    client, settings, redis, body, action, reason
+):
+    response = client.post("/webhook", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and Queue("events", connection=redis).count == 0
+    (rejected,) = collect(settings, redis, "test")["events_rejected"]
+    assert rejected["action"] == action and rejected["reason"].startswith("refused with 422: ")
+    assert reason in rejected["reason"]
 
 
 def test_unsupported_config_at_predict_is_a_clear_400(client, image_url):
