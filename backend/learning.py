@@ -75,6 +75,12 @@ def _claimed_job_status(redis: Redis, claim: str) -> JobStatus | None:
         return JobStatus.QUEUED if time.time() - float(claimed_at or 0) < ENQUEUE_GRACE_S else None
 
 
+def finetune_job_status(redis: Redis, project: int) -> JobStatus | None:
+    """The status of the project's queued or running fine-tune, if it has one."""
+    claim = redis.get(_claim_key(project))
+    return _claimed_job_status(redis, claim.decode()) if claim is not None else None
+
+
 def maybe_request_finetune(redis: Redis, settings: Settings, project: int) -> str | None:
     """The N-corrections trigger."""
     if CorrectionStore(redis).changed_count(project) >= settings.finetune_every:

@@ -14,7 +14,8 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from .corrections import IGNORED_ACTIONS, REJECTED_EVENTS, CorrectionStore
-from .queues import QUEUE_NAMES
+from .learning import finetune_job_status
+from .queues import LIVE_JOB_STATES, QUEUE_NAMES
 from .settings import Settings
 from .versions import VersionRegistry
 
@@ -53,7 +54,7 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
             "corrections": store.count(project),
             "new_since_last_finetune": store.changed_count(project),
             "excluded": {str(k): v["reason"] for k, v in excluded.items()},
-            "last_finetune": {k[len("finetune_") :]: v for k, v in meta.items() if k.startswith("finetune_")},
+            "last_finetune": _last_finetune(redis, project, meta),
             "model_version": registry.current(project).name,
         }
     return {
@@ -68,6 +69,14 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
         "events_rejected": [json.loads(e) for e in redis.lrange(REJECTED_EVENTS, 0, 19)],
         "generated_at": time.time(),
     }
+
+
+def _last_finetune(redis: Redis, project: int, meta: dict[str, str]) -> dict[str, str]:
+    last = {k[len("finetune_") :]: v for k, v in meta.items() if k.startswith("finetune_")}
+    if last.get("status") == "running" and finetune_job_status(redis, project) not in LIVE_JOB_STATES:
+        # Its worker died and RQ has no try of it left: nothing will ever finish it.
+        last["status"] = "interrupted"
+    return last
 
 
 def render(status: dict[str, Any], console: Console) -> None:

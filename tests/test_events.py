@@ -255,3 +255,14 @@ def test_the_nightly_job_queues_a_fine_tune_for_each_project_with_new_correction
     assert queued == [job.id] and job.args == (3, "nightly")
     assert jobs.nightly_finetunes() == [job.id]  # the next night, while it still waits: folded into it
     assert Queue("train", connection=redis).count == 1
+
+
+def test_status_says_a_fine_tune_whose_worker_died_for_good_was_interrupted(worker_context, settings, redis):
+    jobs.apply_event(created())
+    worker_context.store.record_finetune(3, status="running", progress="step 2/10")
+    request_finetune(redis, settings, 3, "start_training")  # its job is queued: it will run again
+    assert collect(settings, redis, "test")["projects"]["3"]["last_finetune"]["status"] == "running"
+    Queue("train", connection=redis).empty()  # no try of it left (RQ moved it to the failed jobs)
+    redis.set("xdls:project:3:finetune_job", "gone|0")
+    last = collect(settings, redis, "test")["projects"]["3"]["last_finetune"]
+    assert last["status"] == "interrupted" and last["progress"] == "step 2/10"
