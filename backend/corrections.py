@@ -2,7 +2,8 @@
 
 Per project (keys under `xdls:project:<id>:`):
     corrections       hash  annotation id -> the annotation's result, its task's data, who and when
-    excluded          hash  annotation id -> why it is kept out of training (shown by `xdecoder-ls status`)
+    excluded          hash  annotation id -> why its latest event keeps it out of training (skipped, no task data)
+    unusable          hash  annotation id -> why the last fine-tune could not learn from it (image gone, ...)
     deleted           set   annotation ids deleted in Label Studio (which never reuses an id): a late event for
                             one of them does not bring it back
     changed           set   annotation ids created or updated since the last fine-tune started (the N-trigger)
@@ -25,12 +26,17 @@ from datetime import datetime
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import WatchError
 
 PREFIX = "xdls"
 PROJECTS = f"{PREFIX}:projects"
 IGNORED_ACTIONS = f"{PREFIX}:events:ignored"
 REJECTED_EVENTS = f"{PREFIX}:events:rejected"
 MAX_REJECTED_KEPT = 200
+EXCLUSIONS = {
+    "excluded:cancelled": "skipped or cancelled by the annotator",
+    "excluded:no_task_data": "the webhook carried no task data (no image to learn from)",
+}
 
 
 @dataclass
@@ -46,6 +52,10 @@ class Correction:
 
 class InvalidAnnotation(ValueError):
     """An annotation in a webhook that cannot be stored (no usable id, no task id)."""
+
+
+def meta_key(project: int) -> str:
+    return f"{PREFIX}:project:{project}:meta"
 
 
 def config_hash(label_config: str | None) -> str:
@@ -91,45 +101,68 @@ class CorrectionStore:
             updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
             label_config_hash=config_hash(label_config),
         )
-        if self.redis.sismember(self._key(project, "deleted"), annotation_id):
+        keys = [self._key(project, name) for name in ("corrections", "excluded", "deleted")]
+        with self.redis.pipeline() as pipe:
+            while True:  # check and write as one: another worker may apply an event of the same project meanwhile
+                try:
+                    pipe.watch(*keys)
+                    outcome = self._outcome(pipe, project, correction, bool(annotation.get("was_cancelled")))
+                    pipe.multi()
+                    if outcome == "stored":
+                        self._write_stored(pipe, project, correction, label_config)
+                    elif outcome.startswith("excluded:"):
+                        self._write_excluded(pipe, project, correction, EXCLUSIONS[outcome])
+                    pipe.execute()
+                    return outcome
+                except WatchError:
+                    continue
+
+    def _outcome(self, reader: Redis, project: int, correction: Correction, cancelled: bool) -> str:
+        annotation_id = correction.annotation_id
+        if reader.sismember(self._key(project, "deleted"), annotation_id):
             return "deleted"  # an event that arrived after the annotation's deletion
-        latest = self._latest_update(project, annotation_id)
+        raw = reader.hget(self._key(project, "corrections"), annotation_id)
+        existing = Correction(**json.loads(raw)) if raw else None
+        if existing is not None:
+            latest = existing.updated_at
+        else:  # the event that excluded it, if one did
+            raw = reader.hget(self._key(project, "excluded"), annotation_id)
+            latest = json.loads(raw).get("updated_at") if raw else None
         if latest is not None and _is_older(correction.updated_at, latest):
             return "stale"  # an older event replayed after a newer one
-        if annotation.get("was_cancelled"):
-            self._exclude(project, annotation_id, "skipped or cancelled by the annotator", correction.updated_at)
+        if cancelled:
             return "excluded:cancelled"
         if not correction.data:
-            reason = "the webhook carried no task data (no image to learn from)"
-            self._exclude(project, annotation_id, reason, correction.updated_at)
             return "excluded:no_task_data"
-        if self.get(project, annotation_id) == correction:
-            return "unchanged"
-        with self.redis.pipeline() as pipe:
-            pipe.sadd(PROJECTS, project)
-            pipe.hset(self._key(project, "corrections"), annotation_id, json.dumps(asdict(correction)))
-            pipe.hdel(self._key(project, "excluded"), annotation_id)
-            pipe.sadd(self._key(project, "changed"), annotation_id)
-            if label_config:
-                pipe.hset(self._key(project, "meta"), mapping={"label_config": label_config})
-            pipe.execute()
-        return "stored"
+        return "unchanged" if existing == correction else "stored"
 
-    def _latest_update(self, project: int, annotation_id: int) -> str | None:
-        """`updated_at` of the latest event applied for the annotation: the stored correction's, or that of
-        the event that excluded it."""
-        existing = self.get(project, annotation_id)
-        if existing is not None:
-            return existing.updated_at
-        raw = self.redis.hget(self._key(project, "excluded"), annotation_id)
-        return json.loads(raw).get("updated_at") if raw else None
+    def _write_stored(self, pipe, project: int, correction: Correction, label_config: str | None) -> None:
+        annotation_id = correction.annotation_id
+        pipe.sadd(PROJECTS, project)
+        pipe.hset(self._key(project, "corrections"), annotation_id, json.dumps(asdict(correction)))
+        pipe.hdel(self._key(project, "excluded"), annotation_id)
+        pipe.hdel(self._key(project, "unusable"), annotation_id)
+        pipe.sadd(self._key(project, "changed"), annotation_id)
+        if label_config:
+            pipe.hset(self._key(project, "meta"), mapping={"label_config": label_config})
+
+    def _write_excluded(self, pipe, project: int, correction: Correction, reason: str) -> None:
+        annotation_id = correction.annotation_id
+        record = json.dumps({"reason": reason, "at": time.time(), "updated_at": correction.updated_at})
+        pipe.sadd(PROJECTS, project)
+        pipe.hdel(self._key(project, "corrections"), annotation_id)
+        pipe.hdel(self._key(project, "unusable"), annotation_id)
+        for counter in ("changed", "changed_in_round"):
+            pipe.srem(self._key(project, counter), annotation_id)
+        pipe.hset(self._key(project, "excluded"), annotation_id, record)
 
     def delete(self, project: int, annotation_ids: list[int]) -> int:
         if not annotation_ids:
             return 0
         with self.redis.pipeline() as pipe:
             pipe.hdel(self._key(project, "corrections"), *annotation_ids)
-            pipe.hdel(self._key(project, "excluded"), *annotation_ids)
+            for name in ("excluded", "unusable"):
+                pipe.hdel(self._key(project, name), *annotation_ids)
             pipe.sadd(self._key(project, "deleted"), *annotation_ids)
             for counter in ("changed", "changed_in_round"):  # a failed round must not give these back
                 pipe.srem(self._key(project, counter), *annotation_ids)
@@ -138,22 +171,25 @@ class CorrectionStore:
 
     def set_unusable(self, project: int, annotation_id: int, reason: str | None) -> None:
         """Record why a fine-tune could not learn from a stored correction (its image is gone, its label was
-        renamed), or clear that record (reason None). The correction stays: the next fine-tune tries it again."""
-        key = self._key(project, "excluded")
+        renamed), or clear that record (reason None). The correction stays: the next fine-tune tries it again.
+        Kept apart from the exclusions that events decide (a skip), which a fine-tune must not erase, and only
+        while the correction is stored (not for one deleted or skipped during the fine-tune)."""
+        key, corrections = self._key(project, "unusable"), self._key(project, "corrections")
         if reason is None:
             self.redis.hdel(key, annotation_id)
-        else:
-            self.redis.hset(key, annotation_id, json.dumps({"reason": reason, "at": time.time()}))
-
-    def _exclude(self, project: int, annotation_id: int, reason: str, updated_at: str) -> None:
-        record = json.dumps({"reason": reason, "at": time.time(), "updated_at": updated_at})
+            return
         with self.redis.pipeline() as pipe:
-            pipe.sadd(PROJECTS, project)
-            pipe.hdel(self._key(project, "corrections"), annotation_id)
-            for counter in ("changed", "changed_in_round"):
-                pipe.srem(self._key(project, counter), annotation_id)
-            pipe.hset(self._key(project, "excluded"), annotation_id, record)
-            pipe.execute()
+            while True:
+                try:
+                    pipe.watch(corrections)
+                    stored = pipe.hexists(corrections, annotation_id)
+                    pipe.multi()
+                    if stored:
+                        pipe.hset(key, annotation_id, json.dumps({"reason": reason, "at": time.time()}))
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     def set_label_config(self, project: int, label_config: str) -> None:
         self.redis.sadd(PROJECTS, project)
@@ -187,7 +223,12 @@ class CorrectionStore:
         return len(self.redis.sunion([self._key(project, "changed"), self._key(project, "changed_in_round")]))
 
     def excluded(self, project: int) -> dict[int, dict]:
-        return {int(k): json.loads(v) for k, v in self.redis.hgetall(self._key(project, "excluded")).items()}
+        """Annotations kept out of training, with why: by their events (skipped, no task data) or by the last
+        fine-tune (unusable)."""
+        records = {}
+        for name in ("unusable", "excluded"):
+            records |= {int(k): json.loads(v) for k, v in self.redis.hgetall(self._key(project, name)).items()}
+        return records
 
     def label_config(self, project: int) -> str | None:
         raw = self.redis.hget(self._key(project, "meta"), "label_config")

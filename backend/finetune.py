@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rq import get_current_job
 
 from xdecoder import Predictor, Vocabulary, XDecoderModel
 from xdecoder.checkpoint import with_replaced_weights
@@ -53,6 +54,8 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
     summary also kept in the store for `xdecoder-ls status`: status served / rejected / skipped, and figures."""
     store: CorrectionStore = ctx.store
     started = time.time()
+    job = get_current_job()  # None when not run by RQ (a direct call): then no retry follows a failure
+    job_id = job.id if job is not None else None
     forget_rerun_request(ctx.redis, project)
     changes = store.start_training_round(project)
     store.record_finetune(project, status="running", started_at=started, reason=reason, progress="preparing")
@@ -63,10 +66,12 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
         store.record_finetune(
             project, status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time()
         )
+        if job is None or not job.retries_left:  # RQ counts this try off only after it raised
+            release_claim(ctx.redis, ctx.settings, project, job_id, succeeded=False)
         raise
     store.end_training_round(project, succeeded=True)
     store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
-    release_claim(ctx.redis, ctx.settings, project)  # last: the next fine-tune may start as soon as it is released
+    release_claim(ctx.redis, ctx.settings, project, job_id, succeeded=True)  # last: the next may start at once
     logger.info("project %s fine-tune finished in %.0f s: %s", project, time.time() - started, summary)
     return summary
 

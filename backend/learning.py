@@ -21,8 +21,8 @@ from redis.exceptions import WatchError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from .corrections import PREFIX, CorrectionStore
-from .queues import LIVE_JOB_STATES, POLICIES, TRAIN, enqueue
+from .corrections import PREFIX, CorrectionStore, meta_key
+from .queues import LIVE_JOB_STATES, TRAIN, enqueue
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,24 +38,24 @@ def _claim_key(project: int) -> str:
 
 def request_finetune(redis: Redis, settings: Settings, project: int, reason: str) -> tuple[str, bool]:
     """Queue a fine-tune unless one is queued or running for the project. Returns (job id, queued now)."""
-    key = _claim_key(project)
+    key, meta = _claim_key(project), meta_key(project)
     with redis.pipeline() as pipe:
         while True:
             try:
-                pipe.watch(key)
+                pipe.watch(key)  # a fine-tune releasing the claim meanwhile makes this fold retry as a new claim
                 current = pipe.get(key)
                 status = _claimed_job_status(redis, current.decode()) if current is not None else None
+                pipe.multi()
                 if status in LIVE_JOB_STATES:
-                    pipe.unwatch()
-                    meta = f"{PREFIX}:project:{project}:meta"
-                    redis.hincrby(meta, "finetune_folded_triggers", 1)
+                    pipe.hincrby(meta, "finetune_folded_triggers", 1)
                     if status == JobStatus.STARTED and reason != "corrections":
-                        redis.hset(meta, RERUN_REQUEST, reason)
+                        pipe.hset(meta, RERUN_REQUEST, reason)
+                    pipe.execute()
                     logger.info("project %s: fine-tune trigger (%s) folded into %s", project, reason, current.decode())
                     return current.decode().split("|")[0], False
                 job_id = f"finetune-p{project}-{uuid.uuid4().hex[:8]}"
-                pipe.multi()
-                pipe.set(key, f"{job_id}|{time.time()}", ex=POLICIES[TRAIN].job_timeout * 4)
+                # No expiry: whether the claim holds is its job's status (a failed one's retries can take hours).
+                pipe.set(key, f"{job_id}|{time.time()}")
                 pipe.execute()
                 break
             except WatchError:
@@ -91,18 +91,31 @@ def maybe_request_finetune(redis: Redis, settings: Settings, project: int) -> st
 
 def forget_rerun_request(redis: Redis, project: int) -> None:
     """Called as a fine-tune starts: it takes every correction stored so far, so earlier requests are met."""
-    redis.hdel(f"{PREFIX}:project:{project}:meta", RERUN_REQUEST)
+    redis.hdel(meta_key(project), RERUN_REQUEST)
 
 
-def release_claim(redis: Redis, settings: Settings, project: int) -> str | None:
-    """Called when a fine-tune has succeeded, so the next trigger queues a new one; queues that one at once if a
-    trigger folded into the fine-tune while it ran, or N corrections arrived meanwhile, and corrections did.
-    Returns the new job's id, if any. (A fine-tune that failed keeps its claim: its job is scheduled for a retry,
-    or failed for good, and then the claim no longer holds.)"""
-    redis.delete(_claim_key(project))
-    requested = redis.hget(f"{PREFIX}:project:{project}:meta", RERUN_REQUEST)
-    forget_rerun_request(redis, project)
+def release_claim(redis: Redis, settings: Settings, project: int, job_id: str | None, succeeded: bool) -> str | None:
+    """Called when fine-tune `job_id` has ended for good (succeeded, or failed with no retry left), so the next
+    trigger queues a new one. Queues that one at once if a trigger folded into the fine-tune while it ran and
+    corrections arrived meanwhile, or, after a success, if N corrections did. Returns the new job's id, if any.
+    (A fine-tune that failed with a retry to come keeps its claim.) `job_id` None: not run by RQ."""
+    key = _claim_key(project)
+    with redis.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                current = pipe.get(key)
+                pipe.multi()
+                if current is not None and (job_id is None or current.decode().split("|")[0] == job_id):
+                    pipe.delete(key)  # only its own claim: another fine-tune's must hold
+                pipe.hget(meta_key(project), RERUN_REQUEST)
+                pipe.hdel(meta_key(project), RERUN_REQUEST)
+                requested = pipe.execute()[-2]
+                break
+            except WatchError:
+                continue
     if requested is not None and CorrectionStore(redis).changed_count(project) > 0:
-        job_id, _ = request_finetune(redis, settings, project, f"{requested.decode()} (during the last fine-tune)")
-        return job_id
-    return maybe_request_finetune(redis, settings, project)
+        new_job, _ = request_finetune(redis, settings, project, f"{requested.decode()} (during the last fine-tune)")
+        return new_job
+    # After a failure, N corrections waiting would only queue the same failure again: the next event decides.
+    return maybe_request_finetune(redis, settings, project) if succeeded else None

@@ -168,12 +168,12 @@ def create_app(
     def hand_over(redis: Redis, project: int | None, label_config: str | None, tasks: list[dict]) -> None:
         """Tasks /predict had no time for go to the pre-annotation workers, in chunks, which post their predictions
         to Label Studio themselves. If that fails, Label Studio still gets the answer with what was finished."""
+        unfinished = f"{len(tasks)} tasks were not predicted within {settings.predict_budget_s:.0f} s"
         if project is None or not settings.label_studio_url or settings.label_studio_api_key is None:
             logger.error(
-                "%d tasks were not predicted within %.0f s and cannot be handed to the workers: "
-                "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or use `xdecoder-ls preannotate`)",
-                len(tasks),
-                settings.predict_budget_s,
+                "%s and cannot be handed to the workers: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+                "(or use `xdecoder-ls preannotate`)",
+                unfinished,
             )
             return
         run_id = f"handover-p{project}-{uuid.uuid4().hex[:8]}"
@@ -181,9 +181,9 @@ def create_app(
             jobs = enqueue_chunks(redis, project, tasks, label_config, run_id)
         except RedisError as error:
             logger.error(
-                "%d tasks were not predicted within %.0f s and cannot be handed to the workers (%s): "
+                "%s and cannot be handed to the workers (%s): "
                 "run `xdecoder-ls preannotate --project %s --tasks missing`",
-                len(tasks), settings.predict_budget_s, error, project,
+                unfinished, error, project,
             )  # fmt: skip
             return
         logger.info("%d tasks handed to the predict queue (run %s, %d jobs)", len(tasks), run_id, len(jobs))

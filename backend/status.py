@@ -11,6 +11,7 @@ from redis import Redis
 from rich.console import Console
 from rich.table import Table
 from rq import Queue, Worker
+from rq.job import JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from .corrections import IGNORED_ACTIONS, REJECTED_EVENTS, CorrectionStore
@@ -73,9 +74,12 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
 
 def _last_finetune(redis: Redis, project: int, meta: dict[str, str]) -> dict[str, str]:
     last = {k[len("finetune_") :]: v for k, v in meta.items() if k.startswith("finetune_")}
-    if last.get("status") == "running" and finetune_job_status(redis, project) not in LIVE_JOB_STATES:
-        # Its worker died and RQ has no try of it left: nothing will ever finish it.
-        last["status"] = "interrupted"
+    if last.get("status") == "running":
+        job = finetune_job_status(redis, project)
+        if job in LIVE_JOB_STATES - {JobStatus.STARTED}:
+            last["status"] = "interrupted, queued again"  # its worker died; RQ runs it again
+        elif job != JobStatus.STARTED:
+            last["status"] = "interrupted"  # its worker died and RQ has no try of it left
     return last
 
 

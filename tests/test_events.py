@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 
 import pytest
 from rq import Queue
+from rq.job import JobStatus
 
 from backend import jobs
 from backend.corrections import CorrectionStore
-from backend.learning import request_finetune
+from backend.learning import release_claim, request_finetune
 from backend.schedule import NightlySchedule
 from backend.status import collect
 from tests.conftest import reference_payload
@@ -257,12 +258,58 @@ def test_the_nightly_job_queues_a_fine_tune_for_each_project_with_new_correction
     assert Queue("train", connection=redis).count == 1
 
 
-def test_status_says_a_fine_tune_whose_worker_died_for_good_was_interrupted(worker_context, settings, redis):
+def test_status_says_a_fine_tune_whose_worker_died_was_interrupted(worker_context, settings, redis):
     jobs.apply_event(created())
     worker_context.store.record_finetune(3, status="running", progress="step 2/10")
-    request_finetune(redis, settings, 3, "start_training")  # its job is queued: it will run again
-    assert collect(settings, redis, "test")["projects"]["3"]["last_finetune"]["status"] == "running"
-    Queue("train", connection=redis).empty()  # no try of it left (RQ moved it to the failed jobs)
-    redis.set("xdls:project:3:finetune_job", "gone|0")
+    job_id, _ = request_finetune(redis, settings, 3, "start_training")
+
+    def shown() -> str:
+        return collect(settings, redis, "test")["projects"]["3"]["last_finetune"]["status"]
+
+    job = Queue("train", connection=redis).fetch_job(job_id)
+    job.set_status(JobStatus.STARTED)
+    assert shown() == "running"
+    job.set_status(JobStatus.QUEUED)  # its worker was killed; RQ put it back on the queue
+    assert shown() == "interrupted, queued again"
+    job.set_status(JobStatus.FAILED)  # and no try of it is left
     last = collect(settings, redis, "test")["projects"]["3"]["last_finetune"]
     assert last["status"] == "interrupted" and last["progress"] == "step 2/10"
+
+
+def test_a_succeeding_fine_tune_releases_only_its_own_claim(worker_context, settings, redis):
+    old, _ = request_finetune(redis, settings, 3, "start_training")
+    Queue("train", connection=redis).fetch_job(old).set_status(JobStatus.FAILED)
+    new, queued = request_finetune(redis, settings, 3, "start_training")  # the old one failed for good
+    assert queued and new != old
+    assert release_claim(redis, settings, 3, old, succeeded=True) is None  # e.g. a late end of the old one
+    assert request_finetune(redis, settings, 3, "start_training") == (new, False)  # the new claim still holds
+    assert redis.ttl("xdls:project:3:finetune_job") == -1  # no expiry: its job's status says whether it holds
+
+
+def test_an_annotation_deleted_while_its_update_is_applied_stays_deleted(worker_context, monkeypatch):
+    store = worker_context.store
+    jobs.apply_event(created(annotation_id=1, updated_at="2026-11-23T01:00:00Z"))
+    decide = CorrectionStore._outcome
+    other_worker = []
+
+    def another_worker_deletes_it_meanwhile(self, reader, *args):
+        if not other_worker:  # between this worker's watch and its write
+            other_worker.append(CorrectionStore(worker_context.redis).delete(3, [1]))
+        return decide(self, reader, *args)
+
+    monkeypatch.setattr(CorrectionStore, "_outcome", another_worker_deletes_it_meanwhile)
+    assert jobs.apply_event(created(annotation_id=1, updated_at="2026-11-23T02:00:00Z")).endswith("deleted")
+    assert other_worker == [1] and store.get(3, 1) is None and store.changed_count(3) == 0
+
+
+def test_a_fine_tune_neither_erases_a_skip_nor_marks_a_correction_it_no_longer_has(worker_context):
+    store = worker_context.store
+    jobs.apply_event(created(annotation_id=5, updated_at="2026-11-23T01:00:00Z"))
+    jobs.apply_event(created(annotation_id=5, updated_at="2026-11-23T02:00:00Z", was_cancelled=True))
+    store.set_unusable(3, 5, None)  # a fine-tune that had read it before the skip found it usable
+    store.set_unusable(3, 5, "image gone")  # or not: either way the skip stands
+    assert store.excluded(3)[5]["reason"] == "skipped or cancelled by the annotator"
+    assert jobs.apply_event(created(annotation_id=5, updated_at="2026-11-23T01:00:00Z")).endswith("stale")
+    jobs.apply_event(created(annotation_id=6, updated_at="2026-11-23T01:00:00Z"))
+    store.set_unusable(3, 6, "its image is gone")
+    assert store.excluded(3)[6]["reason"] == "its image is gone" and store.get(3, 6) is not None

@@ -125,9 +125,9 @@ def test_a_fine_tune_that_does_not_gain_enough_is_kept_but_not_served(worker_con
     assert worker_context.service.current_version(PROJECT).is_base
 
 
-def run_train_jobs(context) -> None:
+def run_train_jobs(context, max_jobs: int | None = None) -> None:
     """The train queue's jobs, in this process (with the test's context and monkeypatches), until it is empty."""
-    ModelWorker([Queue(TRAIN, connection=context.redis)], connection=context.redis).work(burst=True)
+    ModelWorker([Queue(TRAIN, connection=context.redis)], connection=context.redis).work(burst=True, max_jobs=max_jobs)
 
 
 def retry_now(context, job_id: str) -> None:
@@ -147,7 +147,12 @@ def test_a_crash_during_training_leaves_no_version_and_holds_the_project_until_t
     assert queued
     assert worker_context.store.changed_count(PROJECT) == 3
 
+    during_the_run = []
+
     def crash(*args, **kwargs):
+        for event in during_the_run:
+            jobs.apply_event(event)
+        during_the_run.clear()
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(FineTuner, "step", crash)
@@ -167,7 +172,7 @@ def test_a_crash_during_training_leaves_no_version_and_holds_the_project_until_t
         assert job.get_status(refresh=True) == "scheduled"
         assert request_finetune(redis, settings, PROJECT, "start_training") == (job_id, False)
         retry_now(worker_context, job_id)
-        run_train_jobs(worker_context)
+        run_train_jobs(worker_context, max_jobs=1)
     job.refresh()
     assert job.get_status() == "failed" and job.retries_left == 0
     train_status = collect(settings, redis, "test")["queues"][TRAIN]
@@ -175,6 +180,24 @@ def test_a_crash_during_training_leaves_no_version_and_holds_the_project_until_t
     assert "simulated" in train_status["failed_jobs"][0]["error"]
     new_job, queued_again = request_finetune(redis, settings, PROJECT, "start_training")
     assert queued_again and new_job != job_id  # failed for good: the next trigger queues a new fine-tune
+
+    image = label_studio.upload("scene-9.png", png(seed=9), project=PROJECT)
+    correction = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": PROJECT, "label_config": CONFIG},
+        "annotation": {"id": 9, "task": 109, "result": scene_regions(), "updated_at": "2026-11-23T09:00:00Z"},
+        "task": {"id": 109, "data": {"image": image}},
+    }
+    start_training = {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG}}
+    for attempt in range(3):  # its first try and its two retries
+        if attempt == 2:  # a Start Training pressed during the try that then fails for good is not lost
+            during_the_run.extend([correction, start_training])
+        run_train_jobs(worker_context, max_jobs=1)
+        if Queue(TRAIN, connection=redis).fetch_job(new_job).get_status() == "scheduled":
+            retry_now(worker_context, new_job)
+    assert Queue(TRAIN, connection=redis).fetch_job(new_job).get_status() == "failed"
+    (follow_up,) = Queue(TRAIN, connection=redis).jobs
+    assert follow_up.args == (PROJECT, "start_training (during the last fine-tune)")
 
 
 def test_a_start_training_during_a_fine_tune_queues_the_next_one_if_corrections_arrived_meanwhile(
