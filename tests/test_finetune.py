@@ -125,6 +125,23 @@ def test_a_fine_tune_that_does_not_gain_enough_is_kept_but_not_served(worker_con
     assert worker_context.service.current_version(PROJECT).is_base
 
 
+START_TRAINING = {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG}}
+
+
+def correction_event(label_studio, annotation_id: int) -> dict:
+    """An ANNOTATION_CREATED webhook for a new scene image, as Label Studio sends it."""
+    image = label_studio.upload(f"scene-{annotation_id}.png", png(seed=annotation_id), project=PROJECT)
+    return {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": PROJECT, "label_config": CONFIG},
+        "annotation": {
+            "id": annotation_id, "task": 100 + annotation_id, "result": scene_regions(),
+            "updated_at": "2026-11-23T09:00:00Z",
+        },
+        "task": {"id": 100 + annotation_id, "data": {"image": image}},
+    }  # fmt: skip
+
+
 def run_train_jobs(context, max_jobs: int | None = None) -> None:
     """The train queue's jobs, in this process (with the test's context and monkeypatches), until it is empty."""
     ModelWorker([Queue(TRAIN, connection=context.redis)], connection=context.redis).work(burst=True, max_jobs=max_jobs)
@@ -181,17 +198,10 @@ def test_a_crash_during_training_leaves_no_version_and_holds_the_project_until_t
     new_job, queued_again = request_finetune(redis, settings, PROJECT, "start_training")
     assert queued_again and new_job != job_id  # failed for good: the next trigger queues a new fine-tune
 
-    image = label_studio.upload("scene-9.png", png(seed=9), project=PROJECT)
-    correction = {
-        "action": "ANNOTATION_CREATED",
-        "project": {"id": PROJECT, "label_config": CONFIG},
-        "annotation": {"id": 9, "task": 109, "result": scene_regions(), "updated_at": "2026-11-23T09:00:00Z"},
-        "task": {"id": 109, "data": {"image": image}},
-    }
-    start_training = {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG}}
+    correction = correction_event(label_studio, 9)
     for attempt in range(3):  # its first try and its two retries
         if attempt == 2:  # a Start Training pressed during the try that then fails for good is not lost
-            during_the_run.extend([correction, start_training])
+            during_the_run.extend([correction, START_TRAINING])
         run_train_jobs(worker_context, max_jobs=1)
         if Queue(TRAIN, connection=redis).fetch_job(new_job).get_status() == "scheduled":
             retry_now(worker_context, new_job)
@@ -217,20 +227,13 @@ def test_a_start_training_during_a_fine_tune_queues_the_next_one_if_corrections_
         return step(tuner, *args, **kwargs)
 
     monkeypatch.setattr(FineTuner, "step", step_with_events)
-    start_training = {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG}}
-    during_the_run.append(start_training)  # nothing new to learn from: no second fine-tune
+    during_the_run.append(START_TRAINING)  # nothing new to learn from: no second fine-tune
     request_finetune(redis, settings, PROJECT, "start_training")
     run_train_jobs(worker_context)
     assert train.count == 0 and worker_context.store.meta(PROJECT)["finetune_progress"] == "done"
 
-    image = label_studio.upload("scene-9.png", png(seed=9), project=PROJECT)
-    correction = {
-        "action": "ANNOTATION_CREATED",
-        "project": {"id": PROJECT, "label_config": CONFIG},
-        "annotation": {"id": 9, "task": 109, "result": scene_regions(), "updated_at": "2026-11-23T09:00:00Z"},
-        "task": {"id": 109, "data": {"image": image}},
-    }
-    during_the_run.extend([correction, start_training])
+    correction = correction_event(label_studio, 9)
+    during_the_run.extend([correction, START_TRAINING])
     first, _ = request_finetune(redis, settings, PROJECT, "start_training")
     ModelWorker([train], connection=redis).work(burst=True, max_jobs=1)
     (follow_up,) = train.jobs
