@@ -153,7 +153,10 @@ def _finetune(settings: Settings, args) -> int:
                 shown = line
             time.sleep(1)
     job = Job.fetch(job_id, connection=redis)
-    console.print(job.return_value() if job.return_value() is not None else job.exc_info or job.get_status())
+    latest = job.latest_result()
+    console.print(
+        job.return_value() if job.return_value() is not None else (latest and latest.exc_string) or job.get_status()
+    )
     return 0 if job.return_value() is not None else 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,21 @@ def test_worker_device_flag_chooses_where_the_model_loads(settings, redis):
     loaded = run(elsewhere, "--log-level", "INFO", *command, "--device", "cpu")
     assert loaded.returncode == 0, loaded.stderr
     assert " on cpu in " in loaded.stderr
+
+
+def test_finetune_waits_for_the_worker_and_prints_its_summary(settings, redis):
+    env = subprocess_env(settings)
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "finetune", "--project", "3"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while Queue("train", connection=redis).count == 0:  # queued before the worker looks
+            assert time.monotonic() < deadline and waiting.poll() is None
+            time.sleep(0.1)
+        assert run(settings, "worker", "--queues", "train", "--burst").returncode == 0
+        out, _ = waiting.communicate(timeout=120)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0
+    assert "fine-tune queued" in out and "'status': 'skipped'" in out  # project 3 has no corrections
