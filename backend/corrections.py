@@ -26,7 +26,6 @@ from datetime import datetime
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import WatchError
 
 PREFIX = "xdls"
 PROJECTS = f"{PREFIX}:projects"
@@ -101,21 +100,19 @@ class CorrectionStore:
             updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
             label_config_hash=config_hash(label_config),
         )
+        cancelled = bool(annotation.get("was_cancelled"))
+
+        def check_and_write(pipe) -> str:  # as one: another worker may apply an event of the same project meanwhile
+            outcome = self._outcome(pipe, project, correction, cancelled)
+            pipe.multi()
+            if outcome == "stored":
+                self._write_stored(pipe, project, correction, label_config)
+            elif outcome.startswith("excluded:"):
+                self._write_excluded(pipe, project, correction, EXCLUSIONS[outcome])
+            return outcome
+
         keys = [self._key(project, name) for name in ("corrections", "excluded", "deleted")]
-        with self.redis.pipeline() as pipe:
-            while True:  # check and write as one: another worker may apply an event of the same project meanwhile
-                try:
-                    pipe.watch(*keys)
-                    outcome = self._outcome(pipe, project, correction, bool(annotation.get("was_cancelled")))
-                    pipe.multi()
-                    if outcome == "stored":
-                        self._write_stored(pipe, project, correction, label_config)
-                    elif outcome.startswith("excluded:"):
-                        self._write_excluded(pipe, project, correction, EXCLUSIONS[outcome])
-                    pipe.execute()
-                    return outcome
-                except WatchError:
-                    continue
+        return self.redis.transaction(check_and_write, *keys, value_from_callable=True)
 
     def _outcome(self, reader: Redis, project: int, correction: Correction, cancelled: bool) -> str:
         annotation_id = correction.annotation_id
@@ -178,18 +175,14 @@ class CorrectionStore:
         if reason is None:
             self.redis.hdel(key, annotation_id)
             return
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(corrections)
-                    stored = pipe.hexists(corrections, annotation_id)
-                    pipe.multi()
-                    if stored:
-                        pipe.hset(key, annotation_id, json.dumps({"reason": reason, "at": time.time()}))
-                    pipe.execute()
-                    return
-                except WatchError:
-                    continue
+
+        def mark_if_stored(pipe) -> None:
+            stored = pipe.hexists(corrections, annotation_id)
+            pipe.multi()
+            if stored:
+                pipe.hset(key, annotation_id, json.dumps({"reason": reason, "at": time.time()}))
+
+        self.redis.transaction(mark_if_stored, corrections)
 
     def set_label_config(self, project: int, label_config: str) -> None:
         self.redis.sadd(PROJECTS, project)

@@ -17,7 +17,6 @@ import time
 import uuid
 
 from redis import Redis
-from redis.exceptions import WatchError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -39,27 +38,25 @@ def _claim_key(project: int) -> str:
 def request_finetune(redis: Redis, settings: Settings, project: int, reason: str) -> tuple[str, bool]:
     """Queue a fine-tune unless one is queued or running for the project. Returns (job id, queued now)."""
     key, meta = _claim_key(project), meta_key(project)
-    with redis.pipeline() as pipe:
-        while True:
-            try:
-                pipe.watch(key)  # a fine-tune releasing the claim meanwhile makes this fold retry as a new claim
-                current = pipe.get(key)
-                status = _claimed_job_status(redis, current.decode()) if current is not None else None
-                pipe.multi()
-                if status in LIVE_JOB_STATES:
-                    pipe.hincrby(meta, "finetune_folded_triggers", 1)
-                    if status == JobStatus.STARTED and reason != "corrections":
-                        pipe.hset(meta, RERUN_REQUEST, reason)
-                    pipe.execute()
-                    logger.info("project %s: fine-tune trigger (%s) folded into %s", project, reason, current.decode())
-                    return current.decode().split("|")[0], False
-                job_id = f"finetune-p{project}-{uuid.uuid4().hex[:8]}"
-                # No expiry: whether the claim holds is its job's status (a failed one's retries can take hours).
-                pipe.set(key, f"{job_id}|{time.time()}")
-                pipe.execute()
-                break
-            except WatchError:
-                continue
+
+    def fold_or_claim(pipe) -> tuple[str, bool]:  # a claim released meanwhile makes this run again
+        current = pipe.get(key)
+        status = _claimed_job_status(redis, current.decode()) if current is not None else None
+        pipe.multi()
+        if status in LIVE_JOB_STATES:
+            pipe.hincrby(meta, "finetune_folded_triggers", 1)
+            if status == JobStatus.STARTED and reason != "corrections":
+                pipe.hset(meta, RERUN_REQUEST, reason)
+            return current.decode().split("|")[0], False
+        job_id = f"finetune-p{project}-{uuid.uuid4().hex[:8]}"
+        # No expiry: whether the claim holds is its job's status (a failed one's retries can take hours).
+        pipe.set(key, f"{job_id}|{time.time()}")
+        return job_id, True
+
+    job_id, claimed = redis.transaction(fold_or_claim, key, value_from_callable=True)
+    if not claimed:
+        logger.info("project %s: fine-tune trigger (%s) folded into %s", project, reason, job_id)
+        return job_id, False
     enqueue(redis, TRAIN, "backend.jobs.finetune", project, reason, job_id=job_id)
     logger.info("project %s: fine-tune queued (%s), job %s", project, reason, job_id)
     return job_id, True
@@ -100,20 +97,16 @@ def release_claim(redis: Redis, settings: Settings, project: int, job_id: str | 
     corrections arrived meanwhile, or, after a success, if N corrections did. Returns the new job's id, if any.
     (A fine-tune that failed with a retry to come keeps its claim.) `job_id` None: not run by RQ."""
     key = _claim_key(project)
-    with redis.pipeline() as pipe:
-        while True:
-            try:
-                pipe.watch(key)
-                current = pipe.get(key)
-                pipe.multi()
-                if current is not None and (job_id is None or current.decode().split("|")[0] == job_id):
-                    pipe.delete(key)  # only its own claim: another fine-tune's must hold
-                pipe.hget(meta_key(project), RERUN_REQUEST)
-                pipe.hdel(meta_key(project), RERUN_REQUEST)
-                requested = pipe.execute()[-2]
-                break
-            except WatchError:
-                continue
+
+    def release_and_take_request(pipe) -> None:
+        current = pipe.get(key)
+        pipe.multi()
+        if current is not None and (job_id is None or current.decode().split("|")[0] == job_id):
+            pipe.delete(key)  # only its own claim: another fine-tune's must hold
+        pipe.hget(meta_key(project), RERUN_REQUEST)
+        pipe.hdel(meta_key(project), RERUN_REQUEST)
+
+    requested = redis.transaction(release_and_take_request, key)[-2]
     if requested is not None and CorrectionStore(redis).changed_count(project) > 0:
         new_job, _ = request_finetune(redis, settings, project, f"{requested.decode()} (during the last fine-tune)")
         return new_job
