@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +137,7 @@ class ModelService:
         context: Mapping[str, Any] | None = None,
         deadline: float | None = None,
         on_task: Callable[[int, TaskPrediction], None] | None = None,
+        queued: Collection[Any] = (),
     ) -> PredictOutcome:
         """Results for `tasks` (Label Studio task dicts with `id` and `data`), in order.
 
@@ -145,10 +146,13 @@ class ModelService:
         are listed in `unfinished` and get "/pending" placeholders. on_task(index, prediction): called
         as soon as a task's prediction is made (or has failed), while the model goes on with the next
         tasks, whose images are fetched ahead meanwhile; not called for tasks the deadline left over.
+        queued: ids of tasks the workers are predicting already; they get "/pending" placeholders and are
+        neither predicted here nor listed in `unfinished`.
         """
         version = self.current_version(project)
         predictor = self.predictor(version)
-        works = [self._plan(i, task, spec, context) for i, task in enumerate(tasks)]
+        elsewhere = {i for i, task in enumerate(tasks) if task.get("id") in queued}
+        works = [[] if i in elsewhere else self._plan(i, task, spec, context) for i, task in enumerate(tasks)]
         progress = _Progress(len(tasks))
         images_left = [len(task_works) for task_works in works]
 
@@ -159,7 +163,7 @@ class ModelService:
             return TaskPrediction(progress.regions[index], score, version.name)
 
         for index, task_works in enumerate(works):
-            if not task_works:
+            if not task_works and index not in elsewhere:
                 progress.failed[index] = "no_image"
                 logger.error("task %s: no image URL in the fields %s", tasks[index].get("id"), _image_keys(spec))
                 if on_task is not None:
@@ -187,11 +191,13 @@ class ModelService:
 
         outcome = PredictOutcome([])
         for index in range(len(tasks)):
-            if images_left[index] == 0 or index in progress.failed:
+            reached = images_left[index] == 0 or index in progress.failed
+            if reached and index not in elsewhere:
                 outcome.predictions.append(prediction_of(index))
             else:
                 outcome.predictions.append(TaskPrediction([], 0.0, f"{version.name}/pending"))
-                outcome.unfinished.append(index)
+                if index not in elsewhere:
+                    outcome.unfinished.append(index)
         return outcome
 
     def _plan(

@@ -19,6 +19,7 @@ from redis import Redis
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rq.job import Job
 
+from .corrections import PREFIX
 from .label_config import ProjectSpec
 from .labelstudio import LabelStudioAPI, LabelStudioTask
 from .progress import ProgressSnapshot, RunProgress
@@ -29,6 +30,7 @@ from .versions import VersionRegistry
 CHUNK_SIZE = 16
 PLACEHOLDER_SUFFIXES = ("/pending", "/failed")  # empty answers /predict gave, not predictions
 POLL_S = 1.0
+QUEUED_TTL_S = 7 * 86400  # outlives the jobs it points at (their retries and the wait in a long queue included)
 
 
 @dataclass
@@ -97,11 +99,43 @@ def enqueue_chunks(
     redis: Redis, project: int, tasks: list[dict], label_config: str | None, run_id: str, chunk_size: int = CHUNK_SIZE
 ) -> list[str]:
     """Queue `tasks` (as /predict receives them) on the predict queue in chunks; returns the job ids."""
-    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
-    return [
-        enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, chunk, label_config, run_id).id
-        for chunk in chunks
-    ]
+    queued = QueuedTasks(redis, project)
+    job_ids = []
+    for start_at in range(0, len(tasks), chunk_size):
+        chunk = tasks[start_at : start_at + chunk_size]
+        job_ids.append(enqueue(redis, PREDICT, "backend.jobs.predict_chunk", project, chunk, label_config, run_id).id)
+        queued.record(job_ids[-1], [int(task["id"]) for task in chunk])
+    return job_ids
+
+
+class QueuedTasks:
+    """A project's tasks on the predict queue, each with the id of the job that predicts it.
+
+    /predict asks which of a batch are still there (their job queued, running or waiting for a retry), so that a
+    second "Retrieve predictions" during a run or a hand-over does not predict them again: Label Studio would keep
+    both predictions, the worker's and the one /predict answered.
+    """
+
+    def __init__(self, redis: Redis, project: int):
+        self.redis = redis
+        self.key = f"{PREFIX}:project:{project}:queued_tasks"
+
+    def record(self, job_id: str, task_ids: Sequence[int]) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key, mapping=dict.fromkeys(task_ids, job_id))
+            pipe.expire(self.key, QUEUED_TTL_S)
+            pipe.execute()
+
+    def in_flight(self, task_ids: Sequence[int]) -> set[int]:
+        """Those of `task_ids` whose job has not ended. A task that a later job took over counts by that job."""
+        if not task_ids:
+            return set()
+        recorded = self.redis.hmget(self.key, task_ids)
+        job_of = {task: job.decode() for task, job in zip(task_ids, recorded, strict=True) if job is not None}
+        job_ids = sorted(set(job_of.values()))
+        jobs = Job.fetch_many(job_ids, connection=self.redis)
+        live = {job.id for job in jobs if job is not None and job.get_status(refresh=False) in LIVE_JOB_STATES}
+        return {task for task, job_id in job_of.items() if job_id in live}
 
 
 def watch(redis: Redis, run: PreannotateRun, poll_s: float = POLL_S) -> ProgressSnapshot:

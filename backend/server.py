@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import metrics
 from .inference import ModelService
 from .label_config import LabelConfigError, ProjectSpec
-from .preannotate import enqueue_chunks
+from .preannotate import QueuedTasks, enqueue_chunks
 from .queues import connect, embedded_redis
 from .schemas import PredictRequest, SetupRequest, TrainRequest
 from .settings import Settings, get_settings
@@ -159,11 +159,25 @@ def create_app(
         tasks = [task.model_dump() for task in payload.tasks]
         context = payload.params.context if payload.params else None
         deadline = received + settings.predict_budget_s
-        outcome = await run_in_threadpool(service.predict, tasks, spec, project, context, deadline)
+        redis = request.app.state.redis  # its calls go through the thread pool: a Redis down must not stall the loop
+        queued = await run_in_threadpool(queued_elsewhere, redis, project, tasks, context)
+        outcome = await run_in_threadpool(service.predict, tasks, spec, project, context, deadline, queued=queued)
         if outcome.unfinished:
-            hand_over(request.app.state.redis, project, payload.label_config, [tasks[i] for i in outcome.unfinished])
+            leftovers = [tasks[i] for i in outcome.unfinished]
+            await run_in_threadpool(hand_over, redis, project, payload.label_config, leftovers)
         metrics.observe_predictions(outcome.predictions)
         return {"results": [p.to_label_studio() for p in outcome.predictions]}
+
+    def queued_elsewhere(redis: Redis, project: int | None, tasks: list[dict], context) -> set[int]:
+        """Tasks of a batch that the workers are predicting already (a second Retrieve predictions during a run).
+        An interactive request, or a task opened in the editor (a batch of one), is always answered here."""
+        if project is None or context or len(tasks) < 2:
+            return set()
+        try:
+            return QueuedTasks(redis, project).in_flight([task["id"] for task in tasks if task["id"] is not None])
+        except RedisError as error:
+            logger.warning("cannot tell which tasks the workers are predicting (%s); predicting all of them", error)
+            return set()
 
     def hand_over(redis: Redis, project: int | None, label_config: str | None, tasks: list[dict]) -> None:
         """Tasks /predict had no time for go to the pre-annotation workers, in chunks, which post their predictions
@@ -177,6 +191,7 @@ def create_app(
             )
             return
         run_id = f"handover-p{project}-{uuid.uuid4().hex[:8]}"
+        tasks = [task for task in tasks if task.get("id") is not None]  # the workers post predictions by task id
         try:
             jobs = enqueue_chunks(redis, project, tasks, label_config, run_id)
         except RedisError as error:

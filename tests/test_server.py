@@ -342,15 +342,41 @@ def test_tasks_past_the_time_budget_go_to_the_workers_in_chunks(settings, redis,
     assert {job.args[0] for job in jobs} == {3} and len({job.args[3] for job in jobs}) == 1  # one run
 
 
+def test_a_second_retrieve_does_not_predict_again_what_the_workers_are_predicting(settings, redis, image_url):
+    handed = [{"id": i, "data": {"image": image_url}} for i in (31, 32, 33)]
+    with TestClient(create_app(settings.model_copy(update={"predict_budget_s": 1e-6}))) as client:
+        predict(client, handed)
+    queue = Queue("predict", connection=redis)
+    assert queue.count == 1
+    fresh = {"id": 34, "data": {"image": image_url}}
+    with TestClient(create_app(settings)) as client:
+        # Retrieve predictions again while the workers have not got to them: those wait for the workers (which
+        # post their own predictions), a task outside the run is predicted, and nothing is queued twice.
+        again = predict(client, [*handed, fresh]).json()["results"]
+        assert [r["model_version"] for r in again] == ["tiny/pending"] * 3 + ["tiny"]
+        assert again[3]["result"] and queue.count == 1
+        # A task opened in the editor (a batch of one) and an interactive prompt are answered at once.
+        opened = predict(client, handed[:1]).json()["results"]
+        assert opened[0]["model_version"] == "tiny" and opened[0]["result"]
+        prompt = {"result": [{"type": "textarea", "value": {"text": ["the sky"]}}]}
+        asked = predict(client, handed[:2], label_config=config("referring_polygons.xml"), context=prompt)
+        assert [r["model_version"] for r in asked.json()["results"]] == ["tiny", "tiny"]
+        # Once the run's job has ended (here: cancelled), the tasks are predicted again.
+        queue.jobs[0].cancel()
+        after = predict(client, handed).json()["results"]
+    assert [r["model_version"] for r in after] == ["tiny"] * 3 and all(r["result"] for r in after)
+
+
 def test_predict_still_answers_when_the_leftovers_cannot_be_queued(settings, image_url, caplog):
     from redis import Redis
 
     settings = settings.model_copy(update={"predict_budget_s": 1e-6})
     unreachable = Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.5)
     with TestClient(create_app(settings, redis=unreachable)) as client:
-        response = predict(client, [{"id": 21, "data": {"image": image_url}}])
+        response = predict(client, [{"id": 21, "data": {"image": image_url}}, {"id": 22, "data": {"image": image_url}}])
     assert response.status_code == 200
-    assert [r["model_version"] for r in response.json()["results"]] == ["tiny/pending"]
+    assert [r["model_version"] for r in response.json()["results"]] == ["tiny/pending"] * 2
+    assert "cannot tell which tasks the workers are predicting" in caplog.text
     assert "cannot be handed to the workers" in caplog.text and "--tasks missing" in caplog.text
 
 
