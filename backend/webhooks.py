@@ -121,8 +121,9 @@ class WebhookRoute:
         try:
             event = WebhookEvent.model_validate_json(body)
         except ValidationError as error:
-            await asyncio.to_thread(_record_refused, self.app.state.redis, body, error)
-            return await _answer_raw(send, 422, b'{"detail":' + error.json(include_url=False).encode() + b"}")
+            await _answer_raw(send, 422, b'{"detail":' + error.json(include_url=False).encode() + b"}")
+            # Recorded after the answer: with Redis down this waits out redis-py's retries, and Label Studio won't.
+            return await asyncio.to_thread(_record_refused, self.app.state.redis, body, error)
         inbox: WebhookInbox = self.app.state.webhooks
         try:
             job_id = await inbox.store(event.model_dump(mode="json"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
@@ -219,6 +220,33 @@ def test_a_malformed_webhook_is_refused_and_listed_in_status_with_the_reason(
     (rejected,) = collect(settings, redis, "test")["events_rejected"]
     assert rejected["action"] == action and rejected["reason"].startswith("refused with 422: ")
     assert reason in rejected["reason"]
+
+
+def test_a_malformed_webhook_is_answered_before_it_is_recorded(redis, monkeypatch):
+    # Recording the refusal may wait out redis-py's retries (Redis down); Label Studio waits 1 s for the answer.
+    from backend import webhooks
+    from backend.webhooks import WebhookRoute
+
+    sent: list[dict] = []
+    answered_when_recorded = []
+    monkeypatch.setattr(webhooks, "_record_refused", lambda *args: answered_when_recorded.append(list(sent)))
+
+    async def post() -> None:
+        messages = [{"type": "http.request", "body": b"not json", "more_body": False}]
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        app = FastAPI()
+        app.state.redis = redis  # all the refusal needs
+        await WebhookRoute(app)({"type": "http", "path": "/webhook", "method": "POST", "headers": []}, receive, send)
+
+    asyncio.run(post())
+    (answered,) = answered_when_recorded
+    assert answered[0]["status"] == 422 and answered[-1]["type"] == "http.response.body"
 
 
 def test_unsupported_config_at_predict_is_a_clear_400(client, image_url):
