@@ -335,6 +335,8 @@ class ImageFetcher:
             raise ImageFetchError("too_many_pixels", too_many_pixels) from None
         except UnidentifiedImageError:
             raise ImageFetchError("not_an_image", f"{shown}: not an image in a format browsers display") from None
+        except Exception as error:  # a known format with a broken header: Pillow raises OSError, SyntaxError, ...
+            raise ImageFetchError("not_an_image", f"{shown}: cannot read ({error.__class__.__name__})") from None
         width, height = image.size
         if width * height > limit:
             raise ImageFetchError("too_many_pixels", f"{too_many_pixels} ({width}x{height})")

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from xdecoder import Prediction, Predictor, XDecoderConfig, XDecoderModel, load_model
 from xdecoder.checkpoint import with_replaced_weights
+from xdecoder.image import to_rgb
 
 from .images import ImageFetcher, ImageFetchError
 from .label_config import ControlSpec, ImageSpec, PanopticVocabulary, ProjectSpec, Prompt
@@ -67,6 +67,7 @@ class _ImageWork:
     controls: list[ControlSpec]
     vocabulary: PanopticVocabulary
     prompts: list[Prompt]
+    interactive: bool  # asked by an annotator's prompt in the editor
 
 
 def load_base_model(settings: Settings) -> XDecoderModel:
@@ -211,9 +212,11 @@ class ModelService:
             prompts = image.prompts(data, context)
             interactive = [p for p in prompts if p.source == "context"]
             controls = self._chosen_controls(image)
-            # An annotator's prompt asks for that region only, not for a full pre-fill.
-            vocabulary = PanopticVocabulary.of([] if interactive else controls)
-            works.append(_ImageWork(index, image, controls, vocabulary, interactive or prompts))
+            # An annotator's prompt asks for that region only, not for a full pre-fill; one that names none of the
+            # labels (skipped with a warning) gets nothing.
+            asked = image.asked_interactively(context)
+            vocabulary = PanopticVocabulary.of([] if asked else controls)
+            works.append(_ImageWork(index, image, controls, vocabulary, interactive if asked else prompts, asked))
         return works
 
     def _chosen_controls(self, image: ImageSpec) -> list[ControlSpec]:
@@ -228,12 +231,15 @@ class ModelService:
     def _run(self, predictor: Predictor, group, tasks, progress: _Progress) -> None:
         ready = []
         for work, future in group:
+            task_id = tasks[work.task_index].get("id")
             try:
-                ready.append((work, _rgb(future.result())))
+                ready.append((work, to_rgb(future.result())))
             except ImageFetchError as error:
-                task_id = tasks[work.task_index].get("id")
                 logger.error("task %s: no prediction, image unavailable (%s): %s", task_id, error.reason, error)
                 progress.failed[work.task_index] = error.reason
+            except Exception:  # a defect of ours rather than the image's: logged in full, and this task alone fails
+                logger.exception("task %s: no prediction, the image could not be prepared", task_id)
+                progress.failed[work.task_index] = "internal_error"
         asks = [(w, img) for w, img in ready if w.vocabulary.labels or w.prompts]
         if asks:
             vocabulary = asks[0][0].vocabulary
@@ -251,7 +257,7 @@ class ModelService:
         for work, rgb in ready:
             prediction = results.get(id(work), Prediction())
             referring = _referring_regions(work, prediction)
-            ids = RegionIds(tasks[work.task_index].get("id"))
+            ids = RegionIds(tasks[work.task_index].get("id"), work.spec.name, fresh=work.interactive)
             progress.regions[work.task_index] += image_regions(
                 work.spec, rgb.shape[:2], work.controls, prediction, referring, ids, self.polygon_options
             )
@@ -311,10 +317,6 @@ def _same_vocabulary(batch):
         else:
             groups.append([item])
     return groups
-
-
-def _rgb(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))
 
 
 def _referring_regions(work: _ImageWork, prediction: Prediction) -> list[ReferringRegion]:

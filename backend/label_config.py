@@ -252,6 +252,10 @@ class ImageSpec:
             unique.setdefault((prompt.text.casefold(), prompt.label), prompt)
         return list(unique.values())
 
+    def asked_interactively(self, context: Mapping[str, Any] | None) -> bool:
+        """Whether an annotator's prompt in the editor (/predict's params.context) asks about this image."""
+        return any(True for _ in self._context_texts(context or {}))
+
     def _context_texts(self, context: Mapping[str, Any]) -> Iterator[str]:
         area_names = {area.name for area in self.prompt_areas}
         for result in context.get("result") or ():

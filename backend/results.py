@@ -18,6 +18,7 @@ Scores
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +41,15 @@ class ReferringRegion:
 
 
 class RegionIds:
-    """Short region ids, unique within a task and the same on every run for the same task."""
+    """Short region ids for one image of a task, unique within the task (a control may label several images).
 
-    def __init__(self, task_id: int | None):
-        self.prefix = f"{task_id}" if task_id is not None else "t"
+    They are the same on every run for the same task, except with `fresh` (answers to an interactive prompt): the
+    editor merges a suggested region into one the annotation already has under the same id, so each answer's ids
+    must be new, unlike those of the pre-annotation or of an earlier prompt it may hold.
+    """
+
+    def __init__(self, task_id: int | None, image: str, fresh: bool = False):
+        self.prefix = f"{task_id if task_id is not None else 't'}/{image}" + (f"/{uuid.uuid4().hex}" if fresh else "")
         self.count = 0
 
     def next(self, control: str) -> str:

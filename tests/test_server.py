@@ -154,8 +154,64 @@ def test_interactive_context_prompt_returns_only_that_region(client, label_studi
     assert all(r["meta"]["text"] == ["prompt: red car"] for r in result["result"])
 
 
+def test_an_interactive_prompt_that_names_no_label_gets_no_pre_fill(client, label_studio, caplog):
+    payload = copy.deepcopy(reference_payload("predict_interactive.json"))
+    label_studio.files[payload["tasks"][0]["data"]["image"]] = (png(64, 48), "image/png")
+    payload["params"]["context"]["result"][0]["value"]["text"] = ["the shiny thing on the left"]
+    (result,) = client.post("/predict", json=payload).json()["results"]
+    assert result["result"] == [] and "names none of the labels" in caplog.text
+
+
+def test_interactive_answers_get_region_ids_of_their_own(client, label_studio):
+    # The editor merges a suggested region into one with the same id: each answer's ids must be new.
+    payload = copy.deepcopy(reference_payload("predict_interactive.json"))
+    label_studio.files[payload["tasks"][0]["data"]["image"]] = (png(64, 48), "image/png")
+
+    def region_ids(context) -> list[str]:
+        response = predict(client, payload["tasks"], payload["label_config"], context=context)
+        return [region["id"] for region in response.json()["results"][0]["result"]]
+
+    pre_filled, first, again = (
+        region_ids(None),
+        region_ids(payload["params"]["context"]),
+        region_ids(payload["params"]["context"]),
+    )
+    assert pre_filled and first and again
+    assert not set(pre_filled) & set(first) and not set(first) & set(again)
+    assert region_ids(None) == pre_filled  # pre-annotation ids stay the same from run to run
+
+
+def test_a_control_over_two_images_gives_ids_unique_in_the_task(client, image_url):
+    two_images = """<View>
+  <Image name="left" value="$left"/>
+  <Image name="right" value="$right"/>
+  <PolygonLabels name="label" toName="left,right">
+    <Label value="Car"/>
+    <Label value="Sky"/>
+  </PolygonLabels>
+</View>"""
+    tasks = [{"id": 5, "data": {"left": image_url, "right": image_url}}]
+    (result,) = predict(client, tasks, two_images).json()["results"]
+    assert {r["to_name"] for r in result["result"]} == {"left", "right"}
+    assert len({r["id"] for r in result["result"]}) == len(result["result"])
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(client, label_studio):
+    levels = np.linspace(0, 255, 96 * 64).reshape(64, 96).astype(np.uint8)
+    sixteen, eight = io.BytesIO(), io.BytesIO()
+    Image.fromarray(levels.astype(np.uint16) * 257).save(sixteen, "PNG")  # 0..65535, opens as I;16
+    Image.fromarray(levels).save(eight, "PNG")
+    tasks = [
+        {"id": 1, "data": {"image": label_studio.upload("deep.png", sixteen.getvalue())}},
+        {"id": 1, "data": {"image": label_studio.upload("plain.png", eight.getvalue())}},
+    ]
+    deep, plain = predict(client, tasks).json()["results"]
+    assert deep["result"] and deep == plain
+
+
 def test_broken_images_fail_alone(client, label_studio, image_url):
     label_studio.files["/data/upload/1/not-image.png"] = (b"this is not an image", "image/png")
+    label_studio.files["/data/upload/1/cut.png"] = (png(96, 64)[:20], "image/png")  # a header cut short
     tasks = [
         {"id": 10, "data": {"image": "/data/upload/1/missing.png"}},
         {"id": 11, "data": {"image": image_url}},
@@ -163,9 +219,10 @@ def test_broken_images_fail_alone(client, label_studio, image_url):
         {"id": 13, "data": {"image": "http://169.254.169.254/latest/meta-data"}},
         {"id": 14, "data": {"image": "file:///etc/passwd"}},
         {"id": 15, "data": {"other": "no image field"}},
+        {"id": 16, "data": {"image": "/data/upload/1/cut.png"}},
     ]
     results = predict(client, tasks).json()["results"]
-    assert [r["model_version"] for r in results] == ["tiny/failed", "tiny"] + ["tiny/failed"] * 4
+    assert [r["model_version"] for r in results] == ["tiny/failed", "tiny"] + ["tiny/failed"] * 5
     assert results[1]["result"] and not any(r["result"] for i, r in enumerate(results) if i != 1)
 
 
