@@ -2,8 +2,10 @@
 #   docker build -t xdecoder-ls .                                   (CPU)
 #   docker build -t xdecoder-ls --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   (GPU)
 #   docker run -p 9090:9090 -v xdls:/data -e LABEL_STUDIO_URL=... -e LABEL_STUDIO_API_KEY=... xdecoder-ls
-# The same image runs workers: docker run -v xdls:/data ... xdecoder-ls xdecoder-ls worker
-# (share /data, or set REDIS_URL, so server and workers see the same Redis and model versions).
+#   (GPU: add --gpus all, or --gpus device=1 for one GPU per container)
+# The same image runs workers: docker run --no-healthcheck -v xdls:/data ... xdecoder-ls xdecoder-ls worker
+# (share /data, or set REDIS_URL, so server and workers see the same Redis and model versions; the health check
+# asks the server's port, which a worker does not serve). Runs as the unprivileged user "xdls", who owns /data.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -26,10 +28,12 @@ COPY pyproject.toml README.md ./
 COPY xdecoder ./xdecoder
 COPY backend ./backend
 COPY label_config ./label_config
-COPY bench ./bench
 RUN pip install .
 
+RUN useradd --create-home --uid 1000 xdls && mkdir -p /data && chown xdls /data
+USER xdls
 VOLUME /data
 EXPOSE 9090
-HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
+# The first start downloads the checkpoint (about 1 GB) before the server listens: give it time.
+HEALTHCHECK --interval=30s --timeout=3s --start-period=600s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
 CMD ["xdecoder-ls", "serve", "--host", "0.0.0.0", "--port", "9090"]

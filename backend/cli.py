@@ -24,18 +24,24 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import typing  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+from redis.exceptions import RedisError  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from .settings import Settings, get_settings  # noqa: E402
 
+LOG_LEVELS = typing.get_args(Settings.model_fields["log_level"].annotation)
 console = Console()
 errors = Console(stderr=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xdecoder-ls", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, help="default: LOG_LEVEL from the environment, else INFO"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the ML backend server")
@@ -71,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = get_settings()
     handler = {
         "serve": _serve,
         "worker": _worker,
@@ -82,19 +86,43 @@ def main(argv: list[str] | None = None) -> int:
         "status": _status,
         "bench": _bench,
     }[args.command]
+    settings = None
     try:
+        settings = get_settings()
+        if args.log_level:
+            settings = settings.model_copy(update={"log_level": args.log_level})
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return handler(settings, args) or 0
-    except (ValueError, LookupError, FileNotFoundError, RuntimeError) as error:  # configuration and input problems
+    except RedisError as error:
+        errors.print(f"[red]error:[/] {_redis_location(settings)}: {error}", highlight=False)
+        return 2
+    except (ValueError, LookupError, OSError, RuntimeError) as error:  # configuration, input and environment problems
         errors.print(f"[red]error:[/] {error}", highlight=False)
         return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted; jobs already queued go on in the workers")
+        return 130
+
+
+def _redis_location(settings: Settings | None) -> str:
+    from .queues import shown_redis_url
+
+    if settings is None or not settings.redis_url:
+        return "the embedded Redis" + (f" under {settings.model_dir / 'redis'}" if settings else "")
+    return f"Redis at {shown_redis_url(settings.redis_url)}"
 
 
 def _serve(settings: Settings, args) -> int:
     import uvicorn
 
+    from .inference import ModelService
     from .server import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
+    service = ModelService(settings)  # here, so that a missing checkpoint or MODEL_DIR is one line, not a traceback
+    try:
+        uvicorn.run(create_app(settings, service), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    finally:
+        service.close()
     return 0
 
 
@@ -114,8 +142,10 @@ def _preannotate(settings: Settings, args) -> int:
     redis = connect(settings)
     which, ids = args.tasks, None
     if which not in ("all", "missing"):
-        ids = [int(i) for i in which.split(",") if i.strip()]
-        which = "all"
+        pieces = [piece.strip() for piece in which.split(",")]
+        if not all(piece.isdigit() for piece in pieces):
+            raise ValueError(f"--tasks takes all, missing, or task ids such as 1,2,3 (got {args.tasks!r})")
+        ids, which = [int(piece) for piece in pieces], "all"
     run = preannotate.start(settings, redis, args.project, which, ids, args.prompt)
     console.print(f"run {run.run_id}: {run.total} tasks, model version {run.version}, {len(run.job_ids)} jobs queued")
     if args.detach:
@@ -197,10 +227,10 @@ def _versions(settings: Settings, args) -> int:
 
 
 def _status(settings: Settings, args) -> int:
-    from .queues import connect, redis_url
+    from .queues import connect, redis_url, shown_redis_url
     from .status import collect, render
 
-    location = redis_url(settings)
+    location = shown_redis_url(redis_url(settings))
     status = collect(settings, connect(settings), location)
     if args.json:
         print(json.dumps(status))
@@ -218,9 +248,16 @@ def _bench(settings: Settings, args) -> int:
     import runpy
 
     script = {"polygons": "polygons.py", "server": "server.py", "queue": "worker_queue.py"}[args.which]
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", script)
-    sys.argv = [path, *args.args]
-    runpy.run_path(path, run_name="__main__")
+    checkout = Path(__file__).resolve().parents[1]
+    path = next(
+        (folder / "bench" / script for folder in (Path.cwd(), checkout) if (folder / "bench" / script).is_file()), None
+    )
+    if path is None:
+        raise FileNotFoundError(
+            f"bench {args.which} runs from a source checkout (it needs bench/ and tests/): run it from there"
+        )
+    sys.argv = [str(path), *args.args]
+    runpy.run_path(str(path), run_name="__main__")
     return 0
 
 

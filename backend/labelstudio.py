@@ -7,6 +7,7 @@ The SDK accepts both kinds of API key (legacy token, or a Personal Access Token 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,10 @@ PAGE_SIZE = 100
 
 class NotConfigured(RuntimeError):
     """LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY is missing."""
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio could not be reached or refused a call; the message says what to check."""
 
 
 @dataclass
@@ -38,14 +43,41 @@ class LabelStudioAPI:
             )
         from label_studio_sdk import LabelStudio
 
+        self.url = settings.label_studio_url
         self.client = LabelStudio(
             base_url=settings.label_studio_url,
             api_key=settings.label_studio_api_key.get_secret_value(),
             timeout=60,
         )
 
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """SDK and transport errors as one LabelStudioError naming `what` was asked and what to check."""
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            yield
+        except ApiError as error:
+            if error.status_code in (401, 403):
+                raise LabelStudioError(
+                    f"Label Studio at {self.url} refused the API key ({error.status_code}) for {what}: "
+                    "check LABEL_STUDIO_API_KEY"
+                ) from None
+            if error.status_code == 404:
+                raise LabelStudioError(f"Label Studio at {self.url} has no {what} (404)") from None
+            raise LabelStudioError(
+                f"Label Studio at {self.url} answered {error.status_code} for {what}: {str(error.body)[:200]}"
+            ) from error
+        except httpx.HTTPError as error:
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.url} for {what} ({type(error).__name__}: {error}): "
+                "check LABEL_STUDIO_URL"
+            ) from error
+
     def label_config(self, project: int) -> str:
-        return self.client.projects.get(id=project).label_config
+        with self._call(f"project {project}"):
+            return self.client.projects.get(id=project).label_config
 
     def tasks(self, project: int, ids: Sequence[int] | None = None) -> Iterator[LabelStudioTask]:
         """The project's tasks (or only `ids`), with the model versions of their predictions."""
@@ -54,12 +86,13 @@ class LabelStudioAPI:
         wanted = set(ids) if ids is not None else None
         page = 1
         while True:
-            try:
-                items = self.client.tasks.list(project=project, fields="all", page=page, page_size=PAGE_SIZE).items
-            except ApiError as error:
-                if error.status_code == 404:  # Label Studio answers 404 past the last page
-                    return
-                raise
+            with self._call(f"the tasks of project {project}"):
+                try:
+                    items = self.client.tasks.list(project=project, fields="all", page=page, page_size=PAGE_SIZE).items
+                except ApiError as error:
+                    if error.status_code != 404:
+                        raise
+                    return  # Label Studio answers 404 past the last page
             for task in items:
                 if wanted is None or task.id in wanted:
                     predictions = getattr(task, "predictions", None) or []
@@ -70,9 +103,11 @@ class LabelStudioAPI:
             page += 1
 
     def prediction_versions(self, task: int) -> set[str]:
-        return {p.model_version for p in self.client.predictions.list(task=task) if p.model_version}
+        with self._call(f"the predictions of task {task}"):
+            return {p.model_version for p in self.client.predictions.list(task=task) if p.model_version}
 
     def create_prediction(self, project: int, task: int, result: list[dict], score: float, model_version: str) -> None:
-        self.client.predictions.create(
-            task=task, project=project, result=result, score=score, model_version=model_version
-        )
+        with self._call(f"a prediction for task {task}"):
+            self.client.predictions.create(
+                task=task, project=project, result=result, score=score, model_version=model_version
+            )

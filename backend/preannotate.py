@@ -86,7 +86,10 @@ def start(
             "--prompt needs a <TextArea> attached to the image in the labeling config (see label_config/README.md)"
         )
     version = VersionRegistry(settings.model_dir, settings.checkpoint).current(project).name
-    tasks, skipped = select_tasks(list(api.tasks(project, task_ids)), version, which)
+    listed = list(api.tasks(project, task_ids))
+    if task_ids is not None and (absent := sorted(set(task_ids) - {task.id for task in listed})):
+        raise LookupError(f"project {project} has no tasks {', '.join(map(str, absent))}; nothing was queued")
+    tasks, skipped = select_tasks(listed, version, which)
     run = PreannotateRun(f"run-p{project}-{uuid.uuid4().hex[:8]}", project, version, len(tasks) + skipped, [])
     progress = RunProgress(redis, run.run_id)
     progress.start(run.total, project, version, skipped_when_listed=skipped)

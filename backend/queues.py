@@ -19,6 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
 from redis.backoff import NoBackoff
@@ -141,6 +142,14 @@ def embedded_redis(settings: Settings) -> EmbeddedRedis | None:
 def redis_url(settings: Settings) -> str:
     embedded = embedded_redis(settings)
     return embedded.ensure_running() if embedded else settings.redis_url
+
+
+def shown_redis_url(url: str) -> str:
+    """`url` with its password masked, for printing."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def connect(settings: Settings) -> Redis:

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
         description="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: /data/local-files/?d=... is read from here when set.",
     )
 
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = env("LOG_LEVEL", "INFO")
+
     # --- storage
     model_dir: Path = env("MODEL_DIR", Path("data"))
     redis_url: str | None = env("REDIS_URL", None, description="unset: an embedded redis-server under MODEL_DIR/redis")
@@ -100,6 +102,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("label_studio_url")
     @classmethod

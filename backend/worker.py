@@ -77,6 +77,8 @@ def _die_with_parent(parent: int) -> None:
 def run_worker(settings: Settings, queues: list[str], burst: bool = False, name: str | None = None) -> bool:
     """Work until stopped (or, with burst, until the queues are empty). Returns True if jobs ran."""
     unknown = sorted(set(queues) - set(QUEUE_NAMES))
+    if not queues:
+        raise ValueError(f"no queue to listen on; choose from {list(QUEUE_NAMES)}")
     if unknown:
         raise ValueError(f"unknown queues {unknown}; choose from {list(QUEUE_NAMES)}")
     if sys.platform == "linux":

@@ -99,8 +99,24 @@ def test_pickled_objects_are_refused(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"weights": Payload()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="evil.pt is not a readable checkpoint .UnpicklingError: Weights only load"):
         load_model(tmp_path / "evil.pt", config=tiny_config(), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["garbage.pt", "garbage.safetensors"])
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, name):
+    (tmp_path / name).write_bytes(b"this is not a checkpoint at all" * 10)
+    with pytest.raises(ValueError, match=f"{name} is not a readable checkpoint") as raised:
+        load_model(tmp_path / name, config=tiny_config(), device="cpu")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_cuda_device_this_torch_does_not_have_is_a_clear_error(tmp_path, monkeypatch):
+    write_tiny_checkpoint(tmp_path / "tiny.pt")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="device cuda:3 asked for, but this torch sees 1 CUDA devices"):
+        load_model(tmp_path / "tiny.pt", config=tiny_config(), device="cuda:3")
 
 
 def test_official_names_resolve_from_the_hub_cache_offline(tmp_path):
@@ -129,6 +145,9 @@ def test_official_names_resolve_from_the_hub_cache_offline(tmp_path):
     missing = script.replace("custom_tiny.pt", "not_cached.pt")
     done = subprocess.run([sys.executable, "-c", missing], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "LocalEntryNotFoundError" in done.stderr  # offline: refused, not fetched
+    assert (
+        "FileNotFoundError: checkpoint not_cached.pt could not be downloaded from the Hugging Face Hub" in done.stderr
+    )
 
 
 def test_official_names_use_the_official_configs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 import torch
 from rq import Queue
 
+from backend.queues import shown_redis_url
 from backend.versions import VersionRegistry
 from tests.helpers import subprocess_env
 from tests.standin_ls import png
@@ -113,3 +115,48 @@ def test_finetune_waits_for_the_worker_and_prints_its_summary(settings, redis):
         waiting.kill()
     assert waiting.returncode == 0
     assert "fine-tune queued" in out and "'status': 'skipped'" in out  # project 3 has no corrections
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and all(p in result.stderr for p in phrases), result.stderr
+
+
+def test_an_unreachable_redis_is_one_line_and_its_password_is_not_shown(settings):
+    port = closed_port()
+    result = run(settings.model_copy(update={"redis_url": f"redis://:s3cret@127.0.0.1:{port}/0"}), "status")
+    assert_one_line_error(result, f"Redis at redis://:***@127.0.0.1:{port}/0", "onnect")
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_a_redis_password_is_masked_in_status(settings):
+    assert shown_redis_url("redis://worker:pw@10.0.0.5:6380/2") == "redis://worker:***@10.0.0.5:6380/2"
+    assert shown_redis_url(settings.redis_url) == settings.redis_url  # nothing to mask
+
+
+@pytest.mark.parametrize(
+    ("change", "command", "phrases"),
+    [
+        ({}, ["preannotate", "--project", "1", "--tasks", "1,x"], ["--tasks takes all, missing, or task ids"]),
+        ({}, ["worker", "--queues", ",", "--burst"], ["no queue to listen on"]),
+        ({"checkpoint": "/nowhere/model.pt"}, ["serve", "--port", "1"], ["checkpoint not found: /nowhere/model.pt"]),
+        ({"model_dir": Path("/dev/null/models")}, ["versions"], ["/dev/null/models"]),
+        (
+            {"label_studio_url": "http://127.0.0.1:{port}"},
+            ["preannotate", "--project", "1"],
+            ["cannot reach Label Studio"],
+        ),
+        ({"log_level": "verbose"}, ["versions"], ["LOG_LEVEL", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"]),
+    ],
+    ids=["task-ids", "no-queues", "no-checkpoint", "model-dir", "label-studio-down", "log-level"],
+)
+def test_common_mistakes_are_one_line_errors(settings, redis, change, command, phrases):
+    change = {k: v.format(port=closed_port()) if isinstance(v, str) else v for k, v in change.items()}
+    assert_one_line_error(run(settings.model_copy(update=change), *command), *phrases)

@@ -82,21 +82,34 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     from huggingface_hub import hf_hub_download
 
     logger.info("fetching %s from the Hugging Face Hub (%s)", name, HUB_REPO)
-    return Path(hf_hub_download(repo_id=HUB_REPO, filename=name))
+    try:
+        return Path(hf_hub_download(repo_id=HUB_REPO, filename=name))
+    except Exception as error:  # offline, proxy, Hub down, ...: huggingface_hub raises many types
+        raise FileNotFoundError(
+            f"checkpoint {name} could not be downloaded from the Hugging Face Hub ({HUB_REPO}): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
+            "download it elsewhere and give its path instead (official names: " + ", ".join(OFFICIAL_CHECKPOINTS) + ")"
+        ) from error
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors (wrappers and `model.`/`module.` prefixes removed) and the safetensors metadata, if any."""
     path = Path(path)
     metadata: dict[str, str] = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch and safetensors raise many types on a file that is not theirs
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {first_line})") from error
     return _unwrap(raw, path), metadata
 
 
@@ -188,6 +201,8 @@ def load_model(
     load_state_dict_strict(model, state)
     model.reset_constants()
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise RuntimeError(f"device {device} asked for, but this torch sees {torch.cuda.device_count()} CUDA devices")
     model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()
 
