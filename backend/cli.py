@@ -64,9 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--project", type=int, required=True)
     tune.add_argument("--detach", action="store_true", help="enqueue and return at once")
 
-    versions = commands.add_parser("versions", help="list model versions, or serve one")
+    versions = commands.add_parser(
+        "versions",
+        help="list model versions, or serve one",
+        description="Lists model versions; * marks what --project serves (without --project, the base's * means: "
+        "served for the projects without a fine-tune of their own).",
+    )
     versions.add_argument("--project", type=int)
-    versions.add_argument("--serve", metavar="VERSION", help="serve this version for its project")
+    versions.add_argument(
+        "--serve", metavar="VERSION", help="serve this version for its project (the base: roll --project back to it)"
+    )
     versions.add_argument("--json", action="store_true")
 
     status = commands.add_parser("status", help="queues, workers, corrections, fine-tunes")
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(f"[red]error:[/] {_redis_location(settings)}: {error}", highlight=False)
         return 2
     except (ValueError, LookupError, OSError, RuntimeError) as error:  # configuration, input and environment problems
-        errors.print(f"[red]error:[/] {error}", highlight=False)
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) adds quotes
+        errors.print(f"[red]error:[/] {message}", highlight=False)
         return 2
     except KeyboardInterrupt:
         errors.print("interrupted; jobs already queued go on in the workers")
@@ -195,21 +203,33 @@ def _versions(settings: Settings, args) -> int:
 
     registry = VersionRegistry(settings.model_dir, settings.checkpoint)
     if args.serve:
-        version = registry.get(args.serve)
+        version = registry.get(args.serve)  # refuses a version of another base checkpoint
         if version.is_base:
-            console.print("the base version is served by removing a project's pointer; pick a fine-tuned one")
-            return 1
-        registry.promote(version)
-        console.print(f"project {version.project} now serves {version.name}")
+            if args.project is None:
+                errors.print("the base is served by rolling a project back to it: add --project ID")
+                return 1
+            project = args.project
+            registry.roll_back_to_base(project)
+        else:
+            if args.project not in (None, version.project):
+                errors.print(f"{version.name} is a version of project {version.project}, not of {args.project}")
+                return 1
+            project = version.project
+            registry.promote(version)
+        console.print(f"project {project} now serves {version.name}")
         return 0
     versions = registry.all(args.project)
-    current = {p: registry.current(p).name for p in {v.project for v in versions if v.project is not None}}
+    if args.project is not None:
+        served_names = {registry.current(args.project).name}
+    else:  # the base is marked too: it is served for every project without a fine-tune of its own
+        projects = {v.project for v in versions if v.project is not None}
+        served_names = {registry.base.name} | {registry.current(p).name for p in projects}
     rows = [
         {
             "name": v.name,
             "project": v.project,
             "status": v.status,
-            "served": v.is_base or current.get(v.project) == v.name,
+            "served": v.name in served_names,
             "parent": v.parent,
             "created_at": v.created_at,
             "trained_on": v.trained_on,
@@ -221,8 +241,8 @@ def _versions(settings: Settings, args) -> int:
         print(json.dumps(rows))
     else:
         for row in rows:
-            served = "*" if row["served"] else " "
-            console.print(f"{served} {row['name']:<40} {row['status']:<9} project={row['project']} {row['metrics']}")
+            mark = "*" if row["served"] else " "
+            console.print(f"{mark} {row['name']:<40} {row['status']:<10} project={row['project']} {row['metrics']}")
     return 0
 
 

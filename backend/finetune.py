@@ -1,11 +1,14 @@
 """The fine-tune job: from a project's corrections to a new model version, served only if better.
 
 Steps: turn the stored corrections into (image, target masks) examples (a correction that cannot be used is
-skipped, with the reason visible in `xdecoder-ls status`); hold about a fifth out for evaluation; train the
-pixel decoder and the decoder (backbone and text encoder frozen) starting from the version the project serves
-now; score old and new on the held-out examples; store the new version and serve it only if it gains at least
-`XDECODER_FINETUNE_MIN_GAIN` mean IoU. Versions are written atomically (versions.py): a crash at any step leaves
-the served model as it was and no half-written version behind.
+skipped, with the reason visible in `xdecoder-ls status`); hold the tasks of about a fifth out for evaluation;
+train the pixel decoder and the decoder (backbone and text encoder frozen) starting from the version the project
+serves now; score old and new on the held-out examples; store the new version and serve it only if it gains at
+least `XDECODER_FINETUNE_MIN_GAIN` mean IoU and the project still serves the version it was trained from (else it
+stays a candidate: a rollback by hand during the fine-tune wins). With too few tasks to hold out, both are scored
+on the training examples instead (their fit, which still catches a broken run) and the new version is at best a
+candidate, served only by hand. Versions are written atomically (versions.py): a crash at any step leaves the
+served model as it was and no half-written version behind.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rq import get_current_job
 
 from xdecoder import Predictor, Vocabulary, XDecoderModel
 from xdecoder.checkpoint import with_replaced_weights
+from xdecoder.image import to_rgb
 from xdecoder.training import FineTuner, SegmentationTarget, mask_iou_score, trainable_parameters
 
 from .brush import polygon_to_mask, rle_to_mask
@@ -30,16 +34,19 @@ from .corrections import Correction, CorrectionStore
 from .images import ImageFetchError
 from .label_config import ImageSpec, LabelConfigError, PanopticVocabulary, ProjectSpec
 from .learning import forget_rerun_request, release_claim
+from .versions import ModelVersion, VersionRegistry
 
 logger = logging.getLogger(__name__)
 
-HELD_OUT_SHARE = 5  # one correction in this many is held out for evaluation
+HELD_OUT_SHARE = 5  # one task in this many is held out for evaluation
+MIN_HELD_OUT = 2  # held-out tasks needed to judge a fine-tune; with fewer, it is kept as a candidate
 LOGGED_UPDATES = 20  # progress lines per fine-tune
 
 
 @dataclass
 class Example:
     annotation_id: int
+    task_id: int  # the split goes by task: the annotations of one task (several annotators) are near copies
     image: np.ndarray  # [H, W, 3] uint8, original size
     target: SegmentationTarget  # masks [T, H, W] at the original size, label indices into the vocabulary
 
@@ -51,7 +58,8 @@ class Unusable(Exception):
 # ------------------------------------------------------------------------------------- the job
 def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
     """Fine-tune `project`'s served version on its corrections (`ctx` is a jobs.WorkerContext). Returns the
-    summary also kept in the store for `xdecoder-ls status`: status served / rejected / skipped, and figures."""
+    summary also kept in the store for `xdecoder-ls status`: status served / candidate / rejected / skipped, the
+    detail of why it is not served, and figures."""
     store: CorrectionStore = ctx.store
     started = time.time()
     job = get_current_job()  # None when not run by RQ (a direct call): then no retry follows a failure
@@ -69,9 +77,12 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
         if job is None or not job.retries_left:  # RQ counts this try off only after it raised
             release_claim(ctx.redis, ctx.settings, project, job_id, succeeded=False)
         raise
-    store.end_training_round(project, succeeded=True)
+    # A skipped run (Label Studio down, so no image could be fetched) learnt nothing: its changes still count for the
+    # N-corrections and nightly triggers. And no N-trigger follows it at once: it would only be skipped again.
+    learnt = summary["status"] != "skipped"
+    store.end_training_round(project, succeeded=learnt)
     store.record_finetune(project, finished_at=time.time(), progress="done", error="", **summary)
-    release_claim(ctx.redis, ctx.settings, project, job_id, succeeded=True)  # last: the next may start at once
+    release_claim(ctx.redis, ctx.settings, project, job_id, succeeded=learnt)  # last: the next may start at once
     logger.info("project %s fine-tune finished in %.0f s: %s", project, time.time() - started, summary)
     return summary
 
@@ -89,6 +100,7 @@ def _finetune(ctx, project: int, store: CorrectionStore) -> dict[str, Any]:
     if not examples:
         return {"status": "skipped", "detail": "no usable corrections (see the excluded ones in status)"}
     train, held_out = split_examples(examples)
+    scored = held_out or train  # nothing held out: the score is the fit, which still catches a broken run
 
     parent = service.current_version(project)
     served = service.predictor(parent)
@@ -108,16 +120,15 @@ def _finetune(ctx, project: int, store: CorrectionStore) -> dict[str, Any]:
             logger.info("project %s fine-tune step %d/%d, loss %.4f", project, step + 1, steps, recent)
 
     store.record_finetune(project, progress="evaluating")
-    before = evaluate(served, held_out, vocabulary)
-    after = evaluate(predictor_like(served, model), held_out, vocabulary)
+    before = evaluate(served, scored, vocabulary)
+    after = evaluate(predictor_like(served, model), scored, vocabulary)
     metrics = {"parent_miou": before, "miou": after, "held_out": len(held_out), "train": len(train), "steps": steps}
     version = service.registry.create(project, tuner.trained_state(), parent.name, len(examples), metrics)
-    if after >= before + settings.finetune_min_gain:
-        service.registry.promote(version)
-    else:
-        service.registry.reject(version)
+    gain = after - before
+    detail = decide_serving(service.registry, version, parent, gain, bool(held_out), settings.finetune_min_gain)
     return {
         "status": version.status,
+        "detail": detail,
         "version": version.name,
         "parent": parent.name,
         "miou": round(after, 4),
@@ -126,6 +137,31 @@ def _finetune(ctx, project: int, store: CorrectionStore) -> dict[str, Any]:
         "held_out": len(held_out),
         "steps": steps,
     }
+
+
+def decide_serving(
+    registry: VersionRegistry, version: ModelVersion, parent: ModelVersion, gain: float, held_out: bool, min_gain: float
+) -> str:
+    """Serve, reject or keep as a candidate the new `version` (its status says which); returns why it is not served,
+    "" if it is. `gain`: its mean IoU minus its parent's, on held-out examples or, if `held_out` is False, on the
+    training ones."""
+    if gain < min_gain:
+        registry.reject(version)
+        scored_on = "held-out" if held_out else "training"
+        return (
+            f"it gained {gain:+.4f} mean IoU on the {scored_on} corrections, under XDECODER_FINETUNE_MIN_GAIN "
+            f"({min_gain})"
+        )
+    by_hand = f"`xdecoder-ls versions --serve {version.name}` serves it"
+    if not held_out:
+        return (
+            f"too few corrections to hold out {MIN_HELD_OUT} tasks for evaluation, so it was scored on its training "
+            f"corrections and is not served automatically; {by_hand}"
+        )
+    now_served = registry.promote(version, parent)
+    if now_served.name != version.name:
+        return f"the served version changed during the fine-tune ({parent.name} -> {now_served.name}); {by_hand}"
+    return ""
 
 
 # -------------------------------------------------------------------------------- examples
@@ -155,10 +191,11 @@ def examples_from(correction: Correction, spec: ProjectSpec, vocabulary: Panopti
         if not url:
             raise Unusable(f"task {correction.task_id} has no image in field '{image.data_key}'")
         try:
-            rgb = np.asarray(fetch(str(url), correction.task_id).convert("RGB"))
+            rgb = to_rgb(fetch(str(url), correction.task_id))  # as /predict sees it (16-bit scaled, not clipped)
         except ImageFetchError as error:
             raise Unusable(f"image unavailable ({error.reason}): {error}") from error
-        found.append(Example(correction.annotation_id, rgb, regions_to_target(regions, image, vocabulary, rgb.shape)))
+        target = regions_to_target(regions, image, vocabulary, rgb.shape)
+        found.append(Example(correction.annotation_id, correction.task_id, rgb, target))
     if not found:
         raise Unusable("no polygon or brush regions on a segmented image")
     return found
@@ -170,7 +207,8 @@ def regions_to_target(
     """Label Studio result regions -> one mask per thing region, one merged mask per stuff label.
 
     Regions of labels outside the panoptic vocabulary (referring-only labels) are left out; a region whose
-    label the config no longer has makes the whole correction unusable (its other regions may be wrong too).
+    label the config no longer has, or that cannot be drawn (a polygon of two points, a brush mask of another image
+    size: the task's image was replaced), makes the whole correction unusable (its other regions may be wrong too).
     """
     height, width = shape[:2]
     controls = {control.name: control for control in image.controls}
@@ -188,10 +226,13 @@ def regions_to_target(
                 raise Unusable(f"label config changed: '{name}' is no longer a label of '{control.name}'")
             if name not in vocabulary.labels:
                 continue
-            if kind == "polygonlabels":
-                mask = polygon_to_mask(value.get("points") or [], width, height)
-            else:
-                mask = rle_to_mask(value.get("rle") or [], height, width)
+            try:
+                if kind == "polygonlabels":
+                    mask = polygon_to_mask(value.get("points") or [], width, height)
+                else:
+                    mask = rle_to_mask(value.get("rle") or [], height, width)
+            except ValueError as error:
+                raise Unusable(f"a '{name}' region cannot be drawn on the {width}x{height} image: {error}") from error
             if not mask.any():
                 continue
             index = vocabulary.labels.index(name)
@@ -208,17 +249,19 @@ def regions_to_target(
 
 
 def split_examples(examples: list[Example]) -> tuple[list[Example], list[Example]]:
-    """(train, held out): about one in HELD_OUT_SHARE by annotation id, the same in every run; with too few
-    examples to split, both are all of them (the score then measures fit, which still catches a broken run)."""
-    held_out = [e for e in examples if _stable_hash(e.annotation_id) % HELD_OUT_SHARE == 0]
-    train = [e for e in examples if _stable_hash(e.annotation_id) % HELD_OUT_SHARE != 0]
-    if len(held_out) < 2 or len(train) < 2:
-        return examples, examples
+    """(train, held out): the examples of about one task in HELD_OUT_SHARE are held out, chosen by a hash of the task
+    id, so that a task stays on its side in every run and its annotations never land on both. With fewer than
+    MIN_HELD_OUT tasks held out, or none left to train on, nothing is held out: train is all the examples."""
+    held_out = [e for e in examples if _is_held_out(e.task_id)]
+    train = [e for e in examples if not _is_held_out(e.task_id)]
+    if len({e.task_id for e in held_out}) < MIN_HELD_OUT or not train:
+        return examples, []
     return train, held_out
 
 
-def _stable_hash(annotation_id: int) -> int:
-    return int(hashlib.sha1(str(annotation_id).encode()).hexdigest(), 16)
+def _is_held_out(task_id: int) -> bool:
+    # sha1, not hash(): Python salts str hashes per process, and the side of a task must not change between runs.
+    return int(hashlib.sha1(str(task_id).encode()).hexdigest(), 16) % HELD_OUT_SHARE == 0
 
 
 def model_input(example: Example, predictor: Predictor) -> tuple[torch.Tensor, SegmentationTarget]:

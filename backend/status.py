@@ -107,6 +107,8 @@ def render(status: dict[str, Any], console: Console) -> None:
         )  # fmt: skip
     console.print(table)
     for project, info in status["projects"].items():
+        if info["last_finetune"].get("detail"):
+            console.print(f"  project {project}: last fine-tune not served: {info['last_finetune']['detail']}")
         for annotation, reason in list(info["excluded"].items())[:10]:
             console.print(f"  project {project}: annotation {annotation} kept out of training: {reason}")
     if status["events_ignored"]:

@@ -57,6 +57,30 @@ def test_versions_lists_and_serves(settings):
     assert registry.current(3).name == "tiny.p3.v1"
 
 
+def test_versions_serve_the_base_rolls_a_project_back_and_the_listing_marks_what_the_project_serves(settings):
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    version = registry.create(3, {"x": torch.zeros(1)}, "tiny", 4, {"miou": 0.7})
+    registry.promote(version)
+    listed = json.loads(run(settings, "versions", "--project", "3", "--json").stdout)
+    assert [(v["name"], v["served"]) for v in listed] == [("tiny", False), ("tiny.p3.v1", True)]
+
+    rolled_back = run(settings, "versions", "--serve", "tiny", "--project", "3")
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert "project 3 now serves tiny" in rolled_back.stdout
+    assert registry.current(3).is_base and registry.get(version.name).status == "superseded"
+
+
+def test_versions_refuses_to_serve_a_version_of_another_base_checkpoint(settings):
+    other_base = VersionRegistry(settings.model_dir, "other.safetensors")  # XDECODER_CHECKPOINT was other.safetensors
+    made_on_other = other_base.create(3, {"x": torch.zeros(1)}, "other", 4, {})
+    refused = run(settings, "versions", "--serve", made_on_other.name)
+    assert refused.returncode == 2
+    assert "fine-tuned from the base checkpoint 'other', not from the current one ('tiny'" in " ".join(
+        refused.stderr.split()
+    )
+    assert other_base.current(3).is_base  # nothing was served
+
+
 def test_preannotate_detached_enqueues_chunks_with_prompts(settings, redis, label_studio):
     label_studio.add_project(11, CONFIG)
     for i in range(3):
@@ -154,8 +178,9 @@ def test_a_redis_password_is_masked_in_status(settings):
             ["cannot reach Label Studio"],
         ),
         ({"log_level": "verbose"}, ["versions"], ["LOG_LEVEL", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"]),
+        ({}, ["versions", "--serve", "nope"], ["error: unknown model version 'nope' (`xdecoder-ls versions` lists"]),
     ],
-    ids=["task-ids", "no-queues", "no-checkpoint", "model-dir", "label-studio-down", "log-level"],
+    ids=["task-ids", "no-queues", "no-checkpoint", "model-dir", "label-studio-down", "log-level", "unknown-version"],
 )
 def test_common_mistakes_are_one_line_errors(settings, redis, change, command, phrases):
     change = {k: v.format(port=closed_port()) if isinstance(v, str) else v for k, v in change.items()}

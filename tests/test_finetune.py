@@ -7,17 +7,19 @@ import numpy as np
 import pytest
 import torch
 from label_studio_sdk.converter.brush import mask2rle
+from PIL import Image
 from rq import Queue
 
 from backend import jobs
-from backend.finetune import Unusable, regions_to_target
+from backend.corrections import Correction
+from backend.finetune import MIN_HELD_OUT, Example, Unusable, examples_from, regions_to_target, split_examples
 from backend.label_config import PanopticVocabulary, ProjectSpec
 from backend.learning import request_finetune
 from backend.queues import TRAIN
 from backend.status import collect
 from backend.worker import ModelWorker
 from tests.standin_ls import png
-from xdecoder.training import FineTuner
+from xdecoder.training import FineTuner, SegmentationTarget
 
 PROJECT = 5
 CONFIG = """
@@ -63,10 +65,15 @@ def worker_context(settings, redis):
     jobs.set_context(None)
 
 
-def store_correction(context, label_studio, annotation_id: int, regions: list[dict], image: str | None = None) -> None:
+def store_correction(
+    context, label_studio, annotation_id: int, regions: list[dict], image: str | None = None, task_id: int | None = None
+) -> None:
+    """An annotation of task `task_id` (default: 100 + annotation_id). Tasks 112, 114 and 116 are among those held out
+    for evaluation; 101 to 111 are not."""
     image = image or label_studio.upload(f"scene-{annotation_id}.png", png(seed=annotation_id), project=PROJECT)
     annotation = {"id": annotation_id, "result": regions, "updated_at": f"2026-11-23T0{annotation_id % 10}:00:00Z"}
-    context.store.upsert(PROJECT, annotation, {"id": 100 + annotation_id, "data": {"image": image}}, CONFIG)
+    task = {"id": task_id or 100 + annotation_id, "data": {"image": image}}
+    context.store.upsert(PROJECT, annotation, task, CONFIG)
 
 
 def set_min_gain(context, gain: float) -> None:
@@ -74,23 +81,25 @@ def set_min_gain(context, gain: float) -> None:
 
 
 def test_a_fine_tune_that_does_better_is_stored_and_served(worker_context, label_studio):
-    for annotation_id in range(1, 7):
+    for annotation_id in range(11, 17):  # tasks 111 to 116: three of them held out
         store_correction(worker_context, label_studio, annotation_id, scene_regions())
     store_correction(worker_context, label_studio, 7, scene_regions(), image=f"/data/upload/{PROJECT}/gone.png")
     store_correction(worker_context, label_studio, 8, scene_regions(label_of_box="Tree"))
+    store_correction(worker_context, label_studio, 9, scene_regions() + [polygon("Box", [[10, 10], [20, 20]])])
     set_min_gain(worker_context, -1.0)  # any result counts as better: this test is about what serving does
     base = worker_context.service.current_version(PROJECT)
 
     summary = jobs.finetune(PROJECT, "start_training")
 
-    assert summary["status"] == "served" and summary["examples"] == 6 and summary["steps"] == 3
-    assert summary["changes"] == 8 and worker_context.store.changed_count(PROJECT) == 0  # the next N start anew
+    assert summary["status"] == "served" and summary["detail"] == ""
+    assert summary["examples"] == 6 and summary["held_out"] == 3 and summary["steps"] == 3
+    assert summary["changes"] == 9 and worker_context.store.changed_count(PROJECT) == 0  # the next N start anew
     assert summary["parent"] == base.name and summary["reason"] == "start_training"
     assert 0.0 <= summary["miou"] <= 1.0 and 0.0 <= summary["parent_miou"] <= 1.0
     registry = worker_context.service.registry
     served = worker_context.service.current_version(PROJECT)
     assert served.name == summary["version"] != base.name
-    assert registry.get(served.name).status == "served" and served.metrics["train"] + served.metrics["held_out"] >= 6
+    assert registry.get(served.name).status == "served" and served.metrics["train"] + served.metrics["held_out"] == 6
     assert worker_context.service.current_version(PROJECT + 1).name == base.name  # other projects keep the base
 
     # The served version's decoder differs from the base; its backbone is the base's, shared.
@@ -103,11 +112,12 @@ def test_a_fine_tune_that_does_better_is_stored_and_served(worker_context, label
     assert tuned_model.state_dict()[backbone_key].data_ptr() == base_model.state_dict()[backbone_key].data_ptr()
 
     excluded = worker_context.store.excluded(PROJECT)
-    assert set(excluded) == {7, 8}
+    assert set(excluded) == {7, 8, 9}
     assert "image unavailable" in excluded[7]["reason"] and "'Tree' is no longer a label" in excluded[8]["reason"]
-    assert worker_context.store.count(PROJECT) == 8  # kept: a later fine-tune tries them again
+    assert "a 'Box' region cannot be drawn" in excluded[9]["reason"]  # a 2-point polygon: only its correction is out
+    assert worker_context.store.count(PROJECT) == 9  # kept: a later fine-tune tries them again
     shown = collect(worker_context.settings, worker_context.redis, "test")["projects"][str(PROJECT)]
-    assert sorted(shown["excluded"]) == ["7", "8"] and shown["last_finetune"]["version"] == served.name
+    assert sorted(shown["excluded"]) == ["7", "8", "9"] and shown["last_finetune"]["version"] == served.name
     meta = worker_context.store.meta(PROJECT)
     assert meta["finetune_status"] == "served" and meta["finetune_progress"] == "done"
 
@@ -123,6 +133,59 @@ def test_a_fine_tune_that_does_not_gain_enough_is_kept_but_not_served(worker_con
     registry = worker_context.service.registry
     assert registry.get(summary["version"]).status == "rejected"
     assert worker_context.service.current_version(PROJECT).is_base
+
+
+def test_a_fine_tune_with_too_few_tasks_to_hold_out_is_kept_as_a_candidate(worker_context, label_studio):
+    for annotation_id in range(10, 14):  # tasks 110 to 113: only 112 would be held out, fewer than MIN_HELD_OUT
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    set_min_gain(worker_context, -1.0)  # any result counts as better: only the lack of held-out tasks stops serving
+
+    summary = jobs.finetune(PROJECT, "nightly")
+
+    assert summary["status"] == "candidate" and summary["held_out"] == 0
+    registry = worker_context.service.registry
+    version = registry.get(summary["version"])
+    assert version.status == "candidate" and version.metrics["train"] == 4 and version.metrics["held_out"] == 0
+    assert worker_context.service.current_version(PROJECT).is_base
+    assert f"too few corrections to hold out {MIN_HELD_OUT} tasks for evaluation" in summary["detail"]
+    assert f"`xdecoder-ls versions --serve {version.name}` serves it" in summary["detail"]
+    assert worker_context.store.meta(PROJECT)["finetune_detail"] == summary["detail"]
+    assert worker_context.store.changed_count(PROJECT) == 0  # a candidate has learnt from them
+
+
+def test_a_rollback_by_hand_during_a_fine_tune_is_not_overwritten(worker_context, label_studio, monkeypatch):
+    for annotation_id in range(11, 17):  # tasks 111 to 116: enough held out to serve on merit
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    set_min_gain(worker_context, -1.0)
+    registry = worker_context.service.registry
+    base_model = worker_context.service.base_model
+    decoder_key = "sem_seg_head.predictor.query_feat.weight"
+    older, newer = (
+        registry.create(PROJECT, {decoder_key: base_model.state_dict()[decoder_key] + i}, registry.base.name, 6, {})
+        for i in (1, 2)
+    )
+    registry.promote(older)
+    registry.promote(newer)  # the fine-tune below trains from this one
+    step = FineTuner.step
+
+    def roll_back_meanwhile(tuner, *args, **kwargs):  # what `xdecoder-ls versions --serve <older>` does meanwhile
+        if registry.current(PROJECT).name == newer.name:
+            registry.promote(registry.get(older.name))
+        return step(tuner, *args, **kwargs)
+
+    monkeypatch.setattr(FineTuner, "step", roll_back_meanwhile)
+    summary = jobs.finetune(PROJECT, "nightly")
+
+    assert summary["parent"] == newer.name and summary["status"] == "candidate"
+    assert registry.current(PROJECT).name == older.name  # the rollback stands
+    assert f"the served version changed during the fine-tune ({newer.name} -> {older.name})" in summary["detail"]
+    statuses = {v.name: v.status for v in registry.all(PROJECT)}
+    assert statuses == {
+        registry.base.name: "base",
+        older.name: "served",
+        newer.name: "superseded",
+        summary["version"]: "candidate",
+    }
 
 
 START_TRAINING = {"action": "START_TRAINING", "project": {"id": PROJECT, "label_config": CONFIG}}
@@ -272,6 +335,53 @@ def test_a_project_without_usable_corrections_is_skipped(worker_context, label_s
     assert [v.name for v in worker_context.service.registry.all(PROJECT)] == [worker_context.service.registry.base.name]
 
 
+def test_a_fine_tune_that_could_fetch_no_image_gives_its_changes_back(worker_context, label_studio):
+    for annotation_id in range(1, 4):  # Label Studio cannot serve any of the images now (down, storage misconfigured)
+        image = f"/data/upload/{PROJECT}/down-{annotation_id}.png"
+        store_correction(worker_context, label_studio, annotation_id, scene_regions(), image=image)
+
+    summary = jobs.finetune(PROJECT, "nightly")
+
+    assert summary["status"] == "skipped" and summary["changes"] == 3
+    assert worker_context.store.changed_count(PROJECT) == 3  # still unlearnt
+    assert len(jobs.nightly_finetunes()) == 1  # so the next night tries the project again
+
+
+def annotated_twice(tasks) -> list[Example]:
+    """Two annotations (annotation ids 2 * task and 2 * task + 1) of each task, as with two annotators per task."""
+    target = SegmentationTarget(torch.tensor([0]), torch.ones(1, 2, 2, dtype=torch.bool))
+    image = np.zeros((2, 2, 3), np.uint8)
+    return [Example(2 * task + k, task, image, target) for task in tasks for k in (0, 1)]
+
+
+def test_the_split_holds_out_whole_tasks_and_keeps_each_on_its_side():
+    examples = annotated_twice(range(100, 140))
+    train, held_out = split_examples(examples)
+    held_out_tasks = {e.task_id for e in held_out}
+    assert len(held_out_tasks) >= MIN_HELD_OUT and not held_out_tasks & {e.task_id for e in train}
+    assert len(train) + len(held_out) == len(examples)
+    _, held_out_earlier = split_examples(annotated_twice(range(100, 120)))  # an earlier run, with fewer tasks
+    assert {e.task_id for e in held_out_earlier} == {task for task in held_out_tasks if task < 120}
+
+    few = annotated_twice((110, 111, 112, 113))
+    train, held_out = split_examples(few)  # task 112's two examples are one task: too few to judge a fine-tune by
+    assert [e.annotation_id for e in train] == [e.annotation_id for e in few] and held_out == []
+
+
+def test_a_region_that_cannot_be_drawn_makes_its_correction_unusable():
+    image = ProjectSpec.parse(CONFIG).images[0]
+    vocabulary = PanopticVocabulary.of(image.controls)
+    two_points = polygon("Box", [[10, 10], [20, 20]])
+    with pytest.raises(Unusable, match=r"a 'Box' region cannot be drawn on the 20x10 image: .*at least 3"):
+        regions_to_target([two_points], image, vocabulary, (10, 20, 3))
+    painted_on_another_size = {
+        "from_name": "brush", "to_name": "image", "type": "brushlabels",
+        "value": {"format": "rle", "rle": mask2rle(np.zeros((8, 8), np.uint8)), "brushlabels": ["Box"]},
+    }  # fmt: skip
+    with pytest.raises(Unusable, match=r"a 'Box' region cannot be drawn on the 20x10 image: RLE holds 256 values"):
+        regions_to_target([painted_on_another_size], image, vocabulary, (10, 20, 3))
+
+
 def test_regions_become_one_mask_per_thing_and_one_per_stuff_label():
     image = ProjectSpec.parse(CONFIG).images[0]
     vocabulary = PanopticVocabulary.of(image.controls)
@@ -302,3 +412,16 @@ def test_regions_become_one_mask_per_thing_and_one_per_stuff_label():
         regions_to_target([polygon("Tree", [[0, 0], [10, 0], [10, 10]])], image, vocabulary, (10, 20, 3))
     with pytest.raises(Unusable, match="no region carries"):
         regions_to_target(regions[4:], image, vocabulary, (10, 20, 3))
+
+
+def test_a_16_bit_image_is_learnt_from_as_predict_sees_it():
+    image = ProjectSpec.parse(CONFIG).images[0]
+    levels = np.linspace(0, 255, 20 * 10).reshape(10, 20).astype(np.uint8)
+    sixteen_bit = Image.fromarray(levels.astype(np.uint16) * 257)  # I;16, 0..65535
+    correction = Correction(
+        1, 2, {image.data_key: "/data/upload/1/deep.png"}, [polygon("Box", [[0, 0], [50, 0], [50, 100]])], None, "", ""
+    )
+    (example,) = examples_from(
+        correction, ProjectSpec.parse(CONFIG), PanopticVocabulary.of(image.controls), lambda url, task: sixteen_bit
+    )
+    assert np.array_equal(example.image, np.repeat(levels[..., None], 3, axis=2))  # scaled, not clipped to white

@@ -220,10 +220,11 @@ def test_corrections_sent_by_webhook_become_a_served_fine_tune(settings, redis, 
     )
     label_studio.upload("bf8c4da5-red.png", png(64, 48), project=3)  # the image the reference payload names
     with TestClient(create_app(settings)) as client:
-        for annotation_id in (1, 2, 3):
+        # Tasks 4 and 35 are held out for evaluation (finetune.split_examples), enough to judge the fine-tune.
+        for annotation_id, task_id in ((1, 4), (2, 35), (3, 7)):
             event = reference_payload("webhook_annotation_created.json")
-            event["annotation"] |= {"id": annotation_id, "task": annotation_id}
-            event["task"]["id"] = annotation_id
+            event["annotation"] |= {"id": annotation_id, "task": task_id}
+            event["task"]["id"] = task_id
             assert client.post("/webhook", json=event).status_code == 200
         run_burst(settings, "events")
         assert Queue("train", connection=redis).count == 1  # the third correction triggered a fine-tune
