@@ -18,6 +18,10 @@ import os
 # Large CPU tensors on transparent huge pages: far fewer page faults per forward pass. Read by torch
 # at its first allocation, so it is set before anything imports torch.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# OpenMP threads waiting for work sleep rather than spin. A server and a worker on one CPU machine, each computing
+# with all the cores, otherwise spin away each other's time whenever both run the model (the README's Queues
+# benchmark measures it). Read when torch loads OpenMP, so it is set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -33,6 +37,10 @@ from rich.console import Console  # noqa: E402
 from .settings import Settings, get_settings  # noqa: E402
 
 LOG_LEVELS = typing.get_args(Settings.model_fields["log_level"].annotation)
+THREADS_HELP = (
+    "CPU threads of the model (default: XDECODER_THREADS, else the cores); "
+    "give the server and the workers that share a CPU machine a share each"
+)
 console = Console()
 errors = Console(stderr=True)
 
@@ -47,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the ML backend server")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--threads", type=_positive, help=THREADS_HELP)
 
     worker = commands.add_parser("worker", help="run queued jobs with the model loaded once")
     worker.add_argument("--queues", default="events,predict,train", help="comma-separated: events,predict,train")
     worker.add_argument("--device", help="cpu, cuda, cuda:1 ... (one worker per GPU)")
+    worker.add_argument("--threads", type=_positive, help=THREADS_HELP)
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     worker.add_argument("--name")
 
@@ -112,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1 (got {text!r})")
+    return int(text)
+
+
+def _with_flags(settings: Settings, args) -> Settings:
+    """`settings` with what the command's flags override (--device, --threads)."""
+    flags = {"device": getattr(args, "device", None), "threads": getattr(args, "threads", None)}
+    return settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
+
+
 def _redis_location(settings: Settings | None) -> str:
     from .queues import shown_redis_url
 
@@ -126,6 +148,7 @@ def _serve(settings: Settings, args) -> int:
     from .inference import ModelService
     from .server import create_app
 
+    settings = _with_flags(settings, args)
     service = ModelService(settings)  # here, so that a missing checkpoint or MODEL_DIR is one line, not a traceback
     try:
         uvicorn.run(create_app(settings, service), host=args.host, port=args.port, log_level=settings.log_level.lower())
@@ -137,9 +160,8 @@ def _serve(settings: Settings, args) -> int:
 def _worker(settings: Settings, args) -> int:
     from .worker import run_worker
 
-    if args.device:
-        settings = settings.model_copy(update={"device": args.device})
-    run_worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.burst, args.name)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    run_worker(_with_flags(settings, args), queues, args.burst, args.name)
     return 0
 
 

@@ -11,6 +11,7 @@ empty placeholder under that name would hide the task from every later retrieval
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,9 +19,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from xdecoder import Prediction, Predictor, XDecoderConfig, XDecoderModel, load_model
 from xdecoder.checkpoint import with_replaced_weights
@@ -72,10 +75,55 @@ class _ImageWork:
 
 def load_base_model(settings: Settings) -> XDecoderModel:
     config = XDecoderConfig.from_official_yaml(settings.official_config) if settings.official_config else None
+    threads = use_cpu_threads(settings)
     started = time.perf_counter()
     model = load_model(settings.checkpoint, config=config, device=settings.device)
-    logger.info("loaded %s on %s in %.1f s", settings.checkpoint, model.device, time.perf_counter() - started)
+    logger.info(
+        "loaded %s on %s in %.1f s (%d CPU threads)",
+        settings.checkpoint,
+        model.device,
+        time.perf_counter() - started,
+        threads,
+    )
     return model
+
+
+def use_cpu_threads(settings: Settings) -> int:
+    """Sets how many threads torch computes with on the CPU in this process (XDECODER_THREADS, else torch's own
+    choice capped by the container's CPU quota) and returns that number.
+
+    Several model processes on one CPU machine (the server and a worker, or two workers) each start with all the
+    cores; give each a share with XDECODER_THREADS or --threads.
+    """
+    default = _torch_default_threads()
+    threads = settings.threads or min(default, cpu_quota() or default)
+    torch.set_num_threads(threads)
+    return threads
+
+
+@functools.cache
+def _torch_default_threads() -> int:
+    """torch's choice before we change it: the physical cores, or OMP_NUM_THREADS."""
+    return torch.get_num_threads()
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The whole CPUs a container's CPU quota allows (`docker run --cpus 2`: 2, at least 1), or None without one.
+
+    torch sizes its threads by the machine's cores and does not see the quota: in a 2-CPU container on a 64-core host
+    it would run 64 threads on 2 CPUs' worth of time, throttled at every step.
+    """
+    try:  # cgroup v2, then v1
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return max(1, int(quota) // int(period))
 
 
 class ModelService:

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     object_mask_threshold: float = env("XDECODER_OBJECT_MASK_THRESHOLD", 0.8, ge=0, le=1)
     overlap_threshold: float = env("XDECODER_OVERLAP_THRESHOLD", 0.8, ge=0, le=1)
     batch_size: int = env("XDECODER_BATCH_SIZE", 1, ge=1)
+    threads: int | None = env(
+        "XDECODER_THREADS",
+        None,
+        ge=1,
+        description="CPU threads of this process's model; default: torch's (the cores), capped by a container's quota",
+    )
 
     # --- results
     polygon_tolerance_px: float = env("XDECODER_POLYGON_TOLERANCE", 0.75, ge=0)

@@ -1,6 +1,7 @@
 """Queue benchmarks: webhook acknowledgement latency, and pre-annotation throughput with 1 vs 2 workers.
 
-    python bench/worker_queue.py [--posts 200] [--bursts 5] [--tasks 64] [--rounds 3] [--only webhooks|preannotate]
+    python bench/worker_queue.py [--posts 200] [--bursts 5] [--tasks 64] [--rounds 3] [--worker-threads 1]
+                                 [--only webhooks|preannotate]
     (or: xdecoder-ls bench queue ...)
 
 1. Webhooks: the real server (`xdecoder-ls serve` in its own process, loopback) with its Redis; --posts
@@ -12,12 +13,14 @@
    answers 200.
 2. Pre-annotation: a stand-in Label Studio on loopback with --tasks 683x512 images, the tiny random model
    at short side 512, `preannotate.start` enqueues the project in chunks of 4; time from enqueue to the last
-   prediction posted, with one warm worker, then two (each worker process runs torch on one thread, so two workers
-   use both cores). Target: two workers at least 1.8x faster. Then the same images through the model alone
-   in one, then two plain processes (no queue, no HTTP, no Redis): what this machine allows two workers, whose
-   two cores are not independent (they slow each other down) and are shared with the stand-in Label Studio
-   and Redis. This shared VM's speed wanders by 20-40 % from one second to the next, so the four runs
-   alternate for --rounds rounds and medians are compared.
+   prediction posted, with one warm worker, then two (each worker computes with --worker-threads CPU threads, its
+   `--threads`: with 1, two workers use both cores). Target: two workers at least 1.8x faster. With 2, each
+   worker computes on all the cores, as workers started without --threads do on this machine, and
+   OMP_WAIT_POLICY=ACTIVE in the environment shows what that costs without the PASSIVE that `xdecoder-ls` sets.
+   Then the same images through the model alone in one, then two plain processes (no queue, no HTTP, no
+   Redis): what this machine allows two workers, whose two cores are not independent (they slow each other
+   down) and are shared with the stand-in Label Studio and Redis. This shared VM's speed wanders by 20-40 % from
+   one second to the next, so the four runs alternate for --rounds rounds and medians are compared.
 
 Ends with one JSON line of the figures.
 """
@@ -39,6 +42,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # for the model-only processes, as `xdecoder-ls` sets it
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
@@ -183,12 +187,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def throughput(
-    settings: Settings, stand_in: StandInLabelStudio, redis: Redis, tasks: int, workers: int
+    settings: Settings, stand_in: StandInLabelStudio, redis: Redis, tasks: int, workers: int, threads: int
 ) -> tuple[float, float]:
     """(seconds from enqueueing the project to the last prediction posted, with warm workers; cores the workers kept
     busy on average meanwhile)."""
-    env = subprocess_env(settings, OMP_NUM_THREADS="1")
+    env = subprocess_env(settings)
     command = [sys.executable, "-m", "backend.cli", "--log-level", "WARNING", "worker", "--queues", "predict"]
+    command += ["--threads", str(threads)]
     processes = [subprocess.Popen(command, env=env) for _ in range(workers)]
     try:
         # The clock starts once every worker has loaded the model and listens (a worker registers after loading).
@@ -221,7 +226,7 @@ def throughput(
             process.wait()
 
 
-def _forward_images(checkpoint: str, seeds: list[int], ready, go, done) -> None:
+def _forward_images(checkpoint: str, seeds: list[int], threads: int, ready, go, done) -> None:
     """In a child process: load the model, wait for the start, then segment one image per seed."""
     import numpy as np
     import torch
@@ -229,7 +234,7 @@ def _forward_images(checkpoint: str, seeds: list[int], ready, go, done) -> None:
 
     from xdecoder import Predictor, load_model
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     predictor = Predictor(load_model(checkpoint, device="cpu"), short_side=512)
     images = [np.asarray(Image.open(io.BytesIO(png(683, 512, seed=seed))).convert("RGB")) for seed in seeds]
     predictor.panoptic(images[0], ["car", "sky", "road"])  # warm-up, and the class embeddings
@@ -240,13 +245,15 @@ def _forward_images(checkpoint: str, seeds: list[int], ready, go, done) -> None:
     done.put(None)
 
 
-def forward_seconds(checkpoint: str, tasks: int, processes: int) -> float:
+def forward_seconds(checkpoint: str, tasks: int, processes: int, threads: int) -> float:
     """Seconds `processes` plain processes take to segment `tasks` images between them: the model alone, no
     queue, no HTTP, no Redis. What two processes gain over one here is what this machine allows two workers."""
     spawn = multiprocessing.get_context("spawn")
     ready, done, go = spawn.Queue(), spawn.Queue(), spawn.Event()
     seeds = [list(range(tasks))[i::processes] for i in range(processes)]
-    children = [spawn.Process(target=_forward_images, args=(str(checkpoint), s, ready, go, done)) for s in seeds]
+    children = [
+        spawn.Process(target=_forward_images, args=(str(checkpoint), s, threads, ready, go, done)) for s in seeds
+    ]
     for child in children:
         child.start()
     try:
@@ -265,7 +272,7 @@ def forward_seconds(checkpoint: str, tasks: int, processes: int) -> float:
 
 
 def preannotation_speedup(
-    settings: Settings, stand_in: StandInLabelStudio, redis: Redis, tasks: int, rounds: int
+    settings: Settings, stand_in: StandInLabelStudio, redis: Redis, tasks: int, rounds: int, threads: int
 ) -> dict:
     stand_in.add_project(1, CONFIG)
     for i in range(tasks):
@@ -277,14 +284,16 @@ def preannotation_speedup(
     ones, twos, model_ones, model_twos, one_cores, two_cores = [], [], [], [], [], []
     for _ in range(rounds):
         for seconds, cores, workers in (ones, one_cores, 1), (twos, two_cores, 2):
-            elapsed, busy = throughput(settings, stand_in, redis, tasks, workers)
+            elapsed, busy = throughput(settings, stand_in, redis, tasks, workers, threads)
             seconds.append(elapsed)
             cores.append(busy)
-        model_ones.append(forward_seconds(settings.checkpoint, tasks, processes=1))
-        model_twos.append(forward_seconds(settings.checkpoint, tasks, processes=2))
+        model_ones.append(forward_seconds(settings.checkpoint, tasks, processes=1, threads=threads))
+        model_twos.append(forward_seconds(settings.checkpoint, tasks, processes=2, threads=threads))
     one, two = statistics.median(ones), statistics.median(twos)
     return {
         "preannotate_tasks": tasks,
+        "worker_threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "one_worker_s": one,
         "two_workers_s": two,
         "one_worker_tasks_per_s": tasks / one,
@@ -304,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bursts", type=int, default=5, help="times the posts are sent all at once")
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--worker-threads", type=int, default=1, help="each worker's --threads (default 1)")
     parser.add_argument("--only", choices=["webhooks", "preannotate"], help="run one of the two parts")
     args = parser.parse_args(argv)
 
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         redis = Redis.from_url(settings.redis_url)
         results = {} if args.only == "preannotate" else webhook_latency(settings, args.posts, args.bursts)
         if args.only != "webhooks":
-            results |= preannotation_speedup(settings, stand_in, redis, args.tasks, args.rounds)
+            results |= preannotation_speedup(settings, stand_in, redis, args.tasks, args.rounds, args.worker_threads)
     finally:
         stand_in.close()
         redis_server.stop()

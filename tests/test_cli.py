@@ -123,6 +123,42 @@ def test_worker_device_flag_chooses_where_the_model_loads(settings, redis):
     assert " on cpu in " in loaded.stderr
 
 
+def test_worker_threads_come_from_the_flag_else_the_setting_and_idle_openmp_threads_sleep(settings, redis):
+    predict = Queue("predict", connection=redis)
+    env = subprocess_env(settings.model_copy(update={"threads": 2}))
+    env.pop("OMP_WAIT_POLICY", None)
+    worker = [sys.executable, "-m", "backend.cli", "worker", "--queues", "predict", "--burst"]
+
+    def in_a_worker(*flags: str, **extra_env: str) -> list:
+        jobs = [predict.enqueue("torch.get_num_threads"), predict.enqueue("os.getenv", "OMP_WAIT_POLICY")]
+        ran = subprocess.run([*worker, *flags], env={**env, **extra_env}, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+        return [job.return_value() for job in jobs]
+
+    assert in_a_worker() == [2, "PASSIVE"]
+    assert in_a_worker("--threads", "1") == [1, "PASSIVE"]
+    assert in_a_worker(OMP_WAIT_POLICY="ACTIVE") == [2, "ACTIVE"]  # a user's own choice stands
+    refused = run(settings, "worker", "--queues", "predict", "--burst", "--threads", "0")
+    assert refused.returncode == 2 and "at least 1" in refused.stderr
+
+
+def test_serve_threads_flag_sets_the_models_threads(settings):
+    serve = ["serve", "--host", "127.0.0.1", "--port", str(closed_port()), "--threads", "1"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "--log-level", "INFO", *serve],
+        env=subprocess_env(settings.model_copy(update={"threads": 2})),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = iter(server.stderr.readline, "")
+        loaded = next(line for line in lines if " loaded " in line)
+        assert loaded.rstrip().endswith("(1 CPU threads)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_finetune_waits_for_the_worker_and_prints_its_summary(settings, redis):
     env = subprocess_env(settings)
     waiting = subprocess.Popen(

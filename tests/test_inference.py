@@ -8,7 +8,8 @@ import weakref
 import pytest
 import torch
 
-from backend.inference import ModelService
+from backend import inference
+from backend.inference import ModelService, cpu_quota, use_cpu_threads
 from backend.label_config import ProjectSpec
 from backend.versions import VersionRegistry, project_id
 from tests.standin_ls import png
@@ -164,3 +165,42 @@ def test_images_are_fetched_a_few_ahead_of_the_model_not_all_at_once(settings, l
     assert started_when_reported[0] < 12  # the last images were not fetched before the first was predicted
     # Images the model is done with are let go: only the ones fetched ahead and the current batch stay in memory.
     assert max(held_when_reported.values()) <= ahead + settings.batch_size
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, docker run --cpus 2
+        ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: a second thread would wait half the time
+        ({"cpu.max": "20000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_a_containers_cpu_quota_is_read_in_whole_cpus(tmp_path, files, cpus):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == cpus
+
+
+def test_the_model_computes_with_the_configured_threads_else_torchs_capped_by_the_quota(
+    settings, monkeypatch, restore_threads
+):
+    assert use_cpu_threads(settings.model_copy(update={"threads": 3})) == 3
+    assert torch.get_num_threads() == 3
+    monkeypatch.setattr(inference, "_torch_default_threads", lambda: 8)
+    monkeypatch.setattr(inference, "cpu_quota", lambda: 2)
+    assert use_cpu_threads(settings) == 2 and torch.get_num_threads() == 2
+    monkeypatch.setattr(inference, "cpu_quota", lambda: None)
+    assert use_cpu_threads(settings) == 8 and torch.get_num_threads() == 8
+    assert use_cpu_threads(settings.model_copy(update={"threads": 1})) == 1  # the setting goes over the quota too
