@@ -105,3 +105,60 @@ def test_referring_takes_the_most_similar_query():
     assert match.masks.shape == (2, 16, 16)
     assert match.masks[0, :7].all() and not match.masks[0, 9:].any()
     assert match.masks[1, 9:].all()
+
+
+def reference_panoptic(probs, masks, is_thing, geometry, object_mask_threshold, overlap_threshold):
+    """The official merge written plainly: every kept mask at output size at once, then one query at a time."""
+    scores, labels = probs.max(dim=-1)
+    keep = (labels != probs.shape[1] - 1) & (scores > object_mask_threshold)
+    scores, labels = scores[keep], labels[keep]
+    prob_masks = postprocess.upsample_masks(masks[keep], geometry).sigmoid()
+    id_map = torch.zeros(geometry.output_size, dtype=torch.int32)
+    segments, stuff_segments = [], {}
+    owner = (scores[:, None, None] * prob_masks).argmax(0) if len(scores) else None
+    for k in range(len(scores)):
+        label, score = int(labels[k]), float(scores[k])
+        foreground = prob_masks[k] >= 0.5
+        mask = (owner == k) & foreground
+        owned, area = int((owner == k).sum()), int(foreground.sum())
+        if owned == 0 or area == 0 or not mask.any() or owned / area < overlap_threshold:
+            continue
+        mask_score = float((prob_masks[k] * foreground).sum() / area)
+        segment = stuff_segments.get(label) if not is_thing[label] else None
+        if segment is None:
+            segment = postprocess.PanopticSegment(len(segments) + 1, label, is_thing[label], score, mask_score, 0)
+            segments.append(segment)
+            if not is_thing[label]:
+                stuff_segments[label] = segment
+        segment.score, segment.mask_score = max(segment.score, score), max(segment.mask_score, mask_score)
+        id_map[mask] = segment.id
+    for segment in segments:
+        segment.area = int((id_map == segment.id).sum())
+    return id_map, segments
+
+
+def test_panoptic_equals_the_official_merge_on_random_overlapping_blobs():
+    """Many kept queries (more than one chunk of masks), overlaps, stuff merging and both thresholds."""
+    geometry = Geometry(padded_size=(64, 96), valid_size=(60, 90), output_size=(75, 113))
+    things = [bool(label % 2) for label in range(6)]
+    seen = []  # is_thing of every segment made
+    for seed in range(12):
+        generator = torch.Generator().manual_seed(seed)
+        probs = (torch.rand(24, 7, generator=generator) * 6).softmax(-1)
+        centres = torch.rand(24, 2, 1, 1, generator=generator) * torch.tensor([16.0, 24.0]).view(1, 2, 1, 1)
+        rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(24.0), indexing="ij")
+        distance = ((rows - centres[:, 0]) ** 2 + (cols - centres[:, 1]) ** 2).sqrt()
+        masks = (
+            6
+            - distance * (0.3 + torch.rand(24, 1, 1, generator=generator))
+            + torch.randn(24, 16, 24, generator=generator)
+        )
+        for object_threshold, overlap_threshold in ((0.0, 0.8), (0.15, 0.8), (0.1, 0.3), (0.0, 0.0)):
+            expected_map, expected = reference_panoptic(
+                probs, masks, things, geometry, object_threshold, overlap_threshold
+            )
+            id_map, segments = postprocess.panoptic(probs, masks, things, geometry, object_threshold, overlap_threshold)
+            assert torch.equal(id_map, expected_map)
+            assert segments == expected
+            seen += [segment.is_thing for segment in segments]
+    assert seen.count(True) > 30 and seen.count(False) > 30

@@ -1,8 +1,8 @@
 """From decoder outputs to panoptic, semantic and referring results at the image's original size.
 
-Same arithmetic as the official post-processing, organised so memory grows with the number of kept
-queries rather than with all of them: class scores decide which queries survive before any mask is
-resized, and masks are resized a few at a time.
+Same arithmetic as the official post-processing, organised so that memory does not grow with the number of
+queries: class scores decide which queries survive before any mask is resized, masks are resized a few at a
+time, and the panoptic merge keeps a few maps of the output size whatever the number of kept queries.
 """
 
 from __future__ import annotations
@@ -85,42 +85,54 @@ def panoptic(
     overlap_threshold: float,
 ) -> tuple[Tensor, list[PanopticSegment]]:
     """probs [Q, L+1] (last: background), masks [Q, h, w] logits at stride 4 ->
-    (id map [H, W] int32 with 0 for no segment, segments in id order)."""
+    (id map [H, W] int32 with 0 for no segment, segments in id order).
+
+    One pass over the kept queries at output size, a few whole-image operations each, written into buffers made
+    once: at 12 MP every operation on a full-size map costs milliseconds, and a new 48 MB map costs its page faults.
+    """
     kept = keep_queries(probs, object_mask_threshold)
     height, width = geometry.output_size
-    id_map = torch.zeros(height, width, dtype=torch.int32, device=masks.device)
-    if len(kept.index) == 0:
-        return id_map, []
+    device = masks.device
+    count = len(kept.index)
+    if count == 0:
+        return torch.zeros(height, width, dtype=torch.int32, device=device), []
 
-    # Pass 1: owner of every pixel = argmax over kept queries of score * sigmoid(mask) (first index
-    # wins ties, as torch.argmax), plus each query's own foreground and its mean probability there.
-    best = torch.full((height, width), -1.0, device=masks.device)
-    owner = torch.zeros(height, width, dtype=torch.long, device=masks.device)
-    foreground = torch.empty(len(kept.index), height, width, dtype=torch.bool, device=masks.device)
-    mask_scores = torch.zeros(len(kept.index), device=masks.device)
-    for start in range(0, len(kept.index), MASK_CHUNK):
-        chunk = kept.index[start : start + MASK_CHUNK]
-        sigmoid = upsample_masks(masks[chunk], geometry).sigmoid()
-        for offset, prob in enumerate(sigmoid):
-            k = start + offset
-            weighted = kept.score[k] * prob
-            better = weighted > best
-            best = torch.where(better, weighted, best)
-            owner[better] = k
-            foreground[k] = prob >= 0.5
-            area = foreground[k].sum()
-            mask_scores[k] = (prob * foreground[k]).sum() / area.clamp(min=1)
+    # Pass 1: the owner of every pixel is the argmax over kept queries of score * sigmoid(mask) (the first index
+    # wins ties, as torch.argmax), and whether the pixel is in its owner's own foreground (sigmoid >= 0.5); each
+    # query's foreground area and its mean probability there.
+    best = torch.full((height, width), -1.0, device=device)
+    owner = torch.zeros(height, width, dtype=torch.long, device=device)
+    in_owner_foreground = torch.zeros(height, width, dtype=torch.bool, device=device)
+    weighted = torch.empty(height, width, device=device)
+    better = torch.empty(height, width, dtype=torch.bool, device=device)
+    foreground = torch.empty(height, width, dtype=torch.bool, device=device)
+    foreground_areas = torch.zeros(count, dtype=torch.long, device=device)
+    mask_scores = torch.zeros(count, device=device)
+    for start in range(0, count, MASK_CHUNK):
+        sigmoid = upsample_masks(masks[kept.index[start : start + MASK_CHUNK]], geometry).sigmoid_()
+        for k, prob in enumerate(sigmoid, start):
+            torch.mul(kept.score[k], prob, out=weighted)
+            torch.gt(weighted, best, out=better)
+            torch.maximum(best, weighted, out=best)
+            owner.masked_fill_(better, k)
+            torch.ge(prob, 0.5, out=foreground)
+            in_owner_foreground = torch.where(better, foreground, in_owner_foreground)
+            area = foreground.sum()
+            foreground_areas[k] = area
+            mask_scores[k] = torch.mul(prob, foreground, out=weighted).sum() / area.clamp(min=1)
 
-    # Pass 2: keep a query's pixels if it owns most of its own foreground; stuff labels share a segment.
+    # Pass 2: a query keeps the pixels it owns within its foreground if it owns most of its foreground; stuff
+    # labels share one segment.
+    owned_areas = torch.bincount(owner.flatten(), minlength=count).tolist()
+    kept_areas = torch.bincount(owner[in_owner_foreground], minlength=count).tolist()
+    foreground_areas = foreground_areas.tolist()
     segments: list[PanopticSegment] = []
     stuff_segment: dict[int, PanopticSegment] = {}
-    owned_areas = torch.bincount(owner.flatten(), minlength=len(kept.index)).tolist()
-    for k in range(len(kept.index)):
-        mask = (owner == k) & foreground[k]
-        original_area = int(foreground[k].sum())
-        if owned_areas[k] == 0 or original_area == 0 or not bool(mask.any()):
+    segment_of_query = [0] * count
+    for k in range(count):
+        if min(owned_areas[k], foreground_areas[k], kept_areas[k]) == 0:
             continue
-        if owned_areas[k] / original_area < overlap_threshold:
+        if owned_areas[k] / foreground_areas[k] < overlap_threshold:
             continue
         label = int(kept.label[k])
         score, mask_score = float(kept.score[k]), float(mask_scores[k])
@@ -128,17 +140,15 @@ def panoptic(
             segment = stuff_segment[label]
             segment.score = max(segment.score, score)
             segment.mask_score = max(segment.mask_score, mask_score)
-            id_map[mask] = segment.id
-            continue
-        segment = PanopticSegment(len(segments) + 1, label, is_thing[label], score, mask_score, 0)
-        segments.append(segment)
-        if not segment.is_thing:
-            stuff_segment[label] = segment
-        id_map[mask] = segment.id
-    areas = torch.bincount(id_map.flatten().long(), minlength=len(segments) + 1).tolist()
-    for segment in segments:
-        segment.area = areas[segment.id]
-    return id_map, segments
+        else:
+            segment = PanopticSegment(len(segments) + 1, label, is_thing[label], score, mask_score, 0)
+            segments.append(segment)
+            if not segment.is_thing:
+                stuff_segment[label] = segment
+        segment.area += kept_areas[k]
+        segment_of_query[k] = segment.id
+    id_map = torch.tensor(segment_of_query, dtype=torch.int32, device=device)[owner]
+    return id_map.masked_fill_(~in_owner_foreground, 0), segments
 
 
 def semantic(probs: Tensor, masks: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
