@@ -287,6 +287,7 @@ def predictor_like(template: Predictor, model: XDecoderModel) -> Predictor:
         max_long_side=template.resize_policy.max_long_side,
         object_mask_threshold=template.object_mask_threshold,
         overlap_threshold=template.overlap_threshold,
+        max_output_pixels=template.max_output_pixels,
     )
 
 

@@ -162,6 +162,7 @@ class ModelService:
                 object_mask_threshold=self.settings.object_mask_threshold,
                 overlap_threshold=self.settings.overlap_threshold,
                 batch_size=self.settings.batch_size,
+                max_output_pixels=self.settings.result_max_pixels or None,
             )
             self._predictors[version.name] = predictor
             fine_tuned = [name for name in self._predictors if name != self.registry.base.name]

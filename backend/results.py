@@ -17,6 +17,7 @@ Scores
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -88,9 +89,12 @@ class ControlOutput:
 class PolygonOutput(ControlOutput):
     kind = "polygonlabels"
 
-    def __init__(self, *args, options: PolygonOptions):
+    def __init__(self, *args, options: PolygonOptions, map_size: tuple[int, int]):
+        """`map_size`: (height, width) of the prediction's maps, which polygons are traced on, in pixels of which
+        `options` are given."""
         super().__init__(*args)
         self.options = options
+        self.map_size = map_size
 
     def panoptic(self, segment_polygons: dict[int, list[Polygon]], segments) -> list[dict]:
         regions = []
@@ -108,7 +112,7 @@ class PolygonOutput(ControlOutput):
         ]
 
     def _polygon_region(self, polygon: Polygon, label: str, score: float, prompt: str | None = None) -> dict:
-        points = to_percent(polygon.points, self.width, self.height)
+        points = to_percent(polygon.points, self.map_size[1], self.map_size[0])  # percent: the image's too
         return self.region(label, score, {"points": points, "closed": True}, prompt)
 
 
@@ -116,16 +120,27 @@ class BrushOutput(ControlOutput):
     kind = "brushlabels"
 
     def panoptic(self, id_map: np.ndarray, segments) -> list[dict]:
+        segments = [segment for segment in segments if self.accepts(segment.label)]
+        id_map = self._at_image_size(id_map) if segments else id_map
         return [
             self._brush_region(id_map == segment.id, segment.label, segment.score * segment.mask_score)
             for segment in segments
-            if self.accepts(segment.label)
         ]
 
     def referring(self, region: ReferringRegion) -> list[dict]:
         if not region.mask.any():
             return []
-        return [self._brush_region(region.mask, region.label, region.score, region.prompt)]
+        return [self._brush_region(self._at_image_size(region.mask), region.label, region.score, region.prompt)]
+
+    def _at_image_size(self, array: np.ndarray) -> np.ndarray:
+        """A map made smaller than the image (XDECODER_RESULT_MAX_PIXELS), resized to it: each image pixel takes
+        the value under its centre. Brush masks are painted pixel by pixel on the image."""
+        height, width = array.shape
+        if (height, width) == (self.height, self.width):
+            return array
+        rows = ((np.arange(self.height) + 0.5) * (height / self.height)).astype(np.intp)
+        cols = ((np.arange(self.width) + 0.5) * (width / self.width)).astype(np.intp)
+        return array[np.minimum(rows, height - 1)[:, None], np.minimum(cols, width - 1)]
 
     def _brush_region(self, mask: np.ndarray, label: str, score: float, prompt: str | None = None) -> dict:
         return self.region(label, score, {"format": "rle", "rle": mask_to_rle(mask)}, prompt)
@@ -141,10 +156,18 @@ def image_regions(
     options: PolygonOptions,
 ) -> list[dict]:
     """All regions for one image of `size` (height, width): panoptic segments and referring masks, in
-    every chosen control that has their label. Panoptic polygons are simplified together, once."""
+    every chosen control that has their label. Panoptic polygons are simplified together, once.
+
+    The prediction's maps may be smaller than the image (XDECODER_RESULT_MAX_PIXELS): polygons are traced on them
+    (their percent coordinates are the image's too) with `options.min_area_px` scaled to their size, and brush
+    masks are resized to the image."""
     height, width = size
+    maps = [prediction.panoptic.id_map] if prediction.panoptic is not None else []
+    maps += [region.mask for region in referring]
+    map_size = maps[0].shape if maps else size
+    options = _scaled_to(options, map_size, size)
     outputs = [
-        PolygonOutput(c, image, width, height, ids, options=options)
+        PolygonOutput(c, image, width, height, ids, options=options, map_size=map_size)
         if c.kind == "polygonlabels"
         else BrushOutput(c, image, width, height, ids)
         for c in controls
@@ -164,6 +187,14 @@ def image_regions(
             if output.accepts(region.label):
                 regions += output.referring(region)
     return regions
+
+
+def _scaled_to(options: PolygonOptions, map_size: tuple[int, int], image_size: tuple[int, int]) -> PolygonOptions:
+    """`options` for a map of `map_size` made for an image of `image_size`: the minimum area is the image's."""
+    if map_size == image_size:
+        return options
+    ratio = (map_size[0] * map_size[1]) / (image_size[0] * image_size[1])
+    return dataclasses.replace(options, min_area_px=options.min_area_px * ratio)
 
 
 def task_score(prediction: Prediction | None, referring: list[ReferringRegion]) -> float:

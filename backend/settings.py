@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     )
 
     # --- results
+    result_max_pixels: int = env(
+        "XDECODER_RESULT_MAX_PIXELS",
+        4_000_000,
+        ge=0,
+        description="masks and polygons of larger images are made at this many pixels and scaled up; 0: no limit",
+    )
     polygon_tolerance_px: float = env("XDECODER_POLYGON_TOLERANCE", 0.75, ge=0)
     polygon_max_points: int = env("XDECODER_POLYGON_MAX_POINTS", 256, ge=4)
     polygon_min_area_px: float = env("XDECODER_POLYGON_MIN_AREA", 64.0, ge=0)

@@ -122,6 +122,19 @@ def test_a_fine_tune_that_does_better_is_stored_and_served(worker_context, label
     assert meta["finetune_status"] == "served" and meta["finetune_progress"] == "done"
 
 
+def test_results_made_smaller_than_the_images_score_like_full_size_ones(worker_context, label_studio, redis):
+    """With XDECODER_RESULT_MAX_PIXELS under the images' size, both versions are scored at the results' size."""
+    for annotation_id in range(11, 17):
+        store_correction(worker_context, label_studio, annotation_id, scene_regions())
+    full = jobs.finetune(PROJECT, "start_training")
+    served_score = full["miou"] if full["status"] == "served" else full["parent_miou"]
+    quarter = worker_context.settings.model_copy(update={"result_max_pixels": 96 * 64 // 4})  # of the scenes' pixels
+    jobs.set_context(jobs.WorkerContext(quarter, redis))
+    capped = jobs.finetune(PROJECT, "start_training")
+    assert capped["status"] in ("served", "rejected") and capped["held_out"] == full["held_out"] == 3
+    assert capped["parent_miou"] == pytest.approx(served_score, abs=0.05)
+
+
 def test_a_fine_tune_that_does_not_gain_enough_is_kept_but_not_served(worker_context, label_studio):
     for annotation_id in range(1, 4):
         store_correction(worker_context, label_studio, annotation_id, scene_regions())

@@ -129,3 +129,26 @@ def test_bfloat16_autocast_runs_on_cpu(predictor):
     fast = Predictor(predictor.model, short_side=64, autocast=torch.bfloat16, object_mask_threshold=0.0)
     result = fast.predict(image(30, 40), labels=LABELS, prompts=["a dog"])
     assert result.panoptic.id_map.shape == (30, 40) and result.referring.masks.shape == (1, 30, 40)
+
+
+def test_results_of_large_images_are_made_at_most_max_output_pixels_of_the_same_shape(predictor):
+    from xdecoder.predictor import output_size
+
+    assert output_size((3000, 4000), 4_000_000) == (1732, 2309)
+    assert output_size((300, 400), 4_000_000) == (300, 400) and output_size((3000, 4000), None) == (3000, 4000)
+    picture = image(120, 160, seed=3)
+    full = predictor.predict(picture, labels=LABELS, stuff=STUFF, prompts=["a dog"])
+    capped_predictor = Predictor(
+        predictor.model, short_side=64, object_mask_threshold=0.0, overlap_threshold=0.0, max_output_pixels=4800
+    )
+    capped = capped_predictor.predict(picture, labels=LABELS, stuff=STUFF, prompts=["a dog"])
+    assert capped.panoptic.id_map.shape == (60, 80) and capped.referring.masks.shape == (1, 60, 80)
+    # The same segments, merged at half the size: the full map's pixel under each small pixel mostly agrees (a
+    # random model's map of a noise image is mostly borders, where the two may differ).
+    assert [(s.label, s.is_thing) for s in capped.panoptic.segments] == [
+        (s.label, s.is_thing) for s in full.panoptic.segments
+    ]
+    assert np.mean(capped.panoptic.id_map == full.panoptic.id_map[1::2, 1::2]) > 0.9
+    assert np.mean(capped.referring.masks == full.referring.masks[:, 1::2, 1::2]) > 0.9
+    with pytest.raises(ValueError, match="max_output_pixels"):
+        Predictor(predictor.model, max_output_pixels=0)

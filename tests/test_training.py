@@ -162,3 +162,8 @@ def test_mask_iou_score_takes_the_best_segment_of_each_target_label():
     assert mask_iou_score(result, target, LABELS) == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     with pytest.raises(ValueError, match="differ in size"):
         mask_iou_score(result, SegmentationTarget(torch.tensor([0]), torch.zeros(1, 4, 4, dtype=torch.bool)), LABELS)
+    with pytest.raises(ValueError, match="differ in size"):  # smaller, but not of the targets' shape
+        mask_iou_score(result, SegmentationTarget(torch.tensor([0]), torch.zeros(1, 20, 40, dtype=torch.bool)), LABELS)
+    # Targets of an image twice the size: compared at the result's size, the same scores.
+    large = SegmentationTarget(target.labels, torch.from_numpy(masks.repeat(2, axis=1).repeat(2, axis=2)))
+    assert mask_iou_score(result, large, LABELS) == pytest.approx((1.0 + 0.5 + 0.0) / 3)

@@ -517,13 +517,19 @@ class FineTuner:
 # ------------------------------------------------------------------------------------------ evaluation
 def mask_iou_score(result: PanopticResult, target: SegmentationTarget, labels: Sequence[str]) -> float:
     """Mean over the target masks of the IoU with the best predicted segment of the same label (0 where
-    no segment has that label). `result` and `target.masks` must be at the same (original) size;
+    no segment has that label). Target masks are compared at the result's size (resized, nearest pixel, when
+    the result was made smaller: `Predictor(max_output_pixels=...)`), which must have their shape;
     `target.labels` index `labels`, which name the segments' labels."""
-    target_masks = target.masks.cpu().numpy().astype(bool)
-    if len(target_masks) == 0:
+    if len(target.masks) == 0:
         raise ValueError("a target without masks has no score")
-    if target_masks.shape[1:] != result.id_map.shape:
-        raise ValueError(f"target masks {target_masks.shape[1:]} and prediction {result.id_map.shape} differ in size")
+    masks, (height, width) = target.masks, result.id_map.shape
+    if masks.shape[1:] != (height, width):
+        scales = height / masks.shape[1], width / masks.shape[2]
+        # A smaller result has the targets' shape, but for rounding each side to whole pixels.
+        if max(scales) > 1 or abs(scales[0] - scales[1]) > 1 / height + 1 / width:
+            raise ValueError(f"target masks {tuple(masks.shape[1:])} and prediction {(height, width)} differ in size")
+        masks = F.interpolate(masks[None].float(), size=(height, width), mode="nearest-exact")[0] > 0.5
+    target_masks = masks.cpu().numpy().astype(bool)
     segment_masks = {segment.id: result.id_map == segment.id for segment in result.segments}
     scores = []
     for mask, label_index in zip(target_masks, target.labels.tolist(), strict=True):
