@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xdecoder import Prediction
+from xdecoder.image import nearest_indices
 
 from .brush import mask_to_rle
 from .label_config import ControlSpec, ImageSpec
@@ -138,9 +139,7 @@ class BrushOutput(ControlOutput):
         height, width = array.shape
         if (height, width) == (self.height, self.width):
             return array
-        rows = ((np.arange(self.height) + 0.5) * (height / self.height)).astype(np.intp)
-        cols = ((np.arange(self.width) + 0.5) * (width / self.width)).astype(np.intp)
-        return array[np.minimum(rows, height - 1)[:, None], np.minimum(cols, width - 1)]
+        return array[nearest_indices(height, self.height)[:, None], nearest_indices(width, self.width)]
 
     def _brush_region(self, mask: np.ndarray, label: str, score: float, prompt: str | None = None) -> dict:
         return self.region(label, score, {"format": "rle", "rle": mask_to_rle(mask)}, prompt)

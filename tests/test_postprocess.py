@@ -162,3 +162,13 @@ def test_panoptic_equals_the_official_merge_on_random_overlapping_blobs():
             assert segments == expected
             seen += [segment.is_thing for segment in segments]
     assert seen.count(True) > 30 and seen.count(False) > 30
+
+
+def test_a_nan_mask_value_wins_no_pixel_and_leaves_the_others_to_the_next_query():
+    probs = torch.tensor([[0.95, 0.03, 0.02], [0.9, 0.08, 0.02]])
+    masks = torch.full((2, 4, 4), 5.0)
+    masks[0, 0, 0] = float("nan")  # a broken value (fp16 overflow): resizing spreads it around that corner
+    id_map, segments = postprocess.panoptic(probs, masks, [True, True], GEOMETRY, 0.8, 0.0)
+    assert (id_map > 0).all()  # where query 0 is NaN, query 1 owns the pixels
+    assert [s.area for s in segments] == [int((id_map == 1).sum()), int((id_map == 2).sum())]
+    assert 0 < segments[1].area < 256

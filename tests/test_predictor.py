@@ -136,6 +136,8 @@ def test_results_of_large_images_are_made_at_most_max_output_pixels_of_the_same_
 
     assert output_size((3000, 4000), 4_000_000) == (1732, 2309)
     assert output_size((300, 400), 4_000_000) == (300, 400) and output_size((3000, 4000), None) == (3000, 4000)
+    assert output_size((2, 10_000_000), 4_000_000) == (1, 4_000_000)  # thinner than the scale: one row, no more
+    assert output_size((10_000_000, 1), 4_000_000) == (4_000_000, 1)
     picture = image(120, 160, seed=3)
     full = predictor.predict(picture, labels=LABELS, stuff=STUFF, prompts=["a dog"])
     capped_predictor = Predictor(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import shapely
 
@@ -77,3 +79,16 @@ def test_maps_at_the_image_size_are_used_as_they_are():
     assert [(r["value"]["polygonlabels"], polygon_area_px(r, (20, 32))) for r in polygons] == [(["Car"], 36)]
     brush = [r for r in regions if r["type"] == "brushlabels" and r["value"]["brushlabels"] == ["Dot"]]
     assert np.array_equal(rle_to_mask(brush[0]["value"]["rle"], 20, 32), id_map == 1)
+
+
+def test_brush_masks_of_any_map_size_take_the_map_pixel_under_each_image_pixels_centre():
+    image_size, map_size = (69, 292), (22, 93)  # centres fall exactly on map borders at some rows
+    id_map = np.random.default_rng(5).integers(0, 3, map_size).astype(np.int32)
+    segments = [Segment(1, "Sky", 0, False, 0.9, 0.9, 0), Segment(2, "Car", 1, True, 0.8, 0.9, 0)]
+    regions = regions_for(id_map, segments, image_size)
+    rows = [int((i + Fraction(1, 2)) * map_size[0] / image_size[0]) for i in range(image_size[0])]
+    cols = [int((j + Fraction(1, 2)) * map_size[1] / image_size[1]) for j in range(image_size[1])]
+    for region in (r for r in regions if r["type"] == "brushlabels"):
+        segment_id = 1 if region["value"]["brushlabels"] == ["Sky"] else 2
+        expected = id_map[np.ix_(rows, cols)] == segment_id
+        assert np.array_equal(rle_to_mask(region["value"]["rle"], *image_size), expected)

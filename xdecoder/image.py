@@ -93,3 +93,9 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
             raise ValueError("integer images other than uint16 must hold values in [0, 255]")
         return array.astype(np.uint8)
     raise ValueError(f"unsupported image dtype {array.dtype}")
+
+
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """For resizing one side of a map from `source` to `target` pixels, nearest pixel: the source index under the
+    centre of each target pixel, floor((i + 0.5) * source / target), in whole numbers (no rounding at ties)."""
+    return (2 * np.arange(target, dtype=np.int64) + 1) * source // (2 * target)

@@ -113,10 +113,10 @@ def panoptic(
         for k, prob in enumerate(sigmoid, start):
             torch.mul(kept.score[k], prob, out=weighted)
             torch.gt(weighted, best, out=better)
-            torch.maximum(best, weighted, out=best)
+            torch.fmax(best, weighted, out=best)  # fmax: a NaN probability wins no pixel, as it fails `better`
             owner.masked_fill_(better, k)
             torch.ge(prob, 0.5, out=foreground)
-            in_owner_foreground = torch.where(better, foreground, in_owner_foreground)
+            torch.where(better, foreground, in_owner_foreground, out=in_owner_foreground)
             area = foreground.sum()
             foreground_areas[k] = area
             mask_scores[k] = torch.mul(prob, foreground, out=weighted).sum() / area.clamp(min=1)

@@ -348,7 +348,13 @@ def output_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int
     if max_pixels is None or height * width <= max_pixels:
         return height, width
     scale = (max_pixels / (height * width)) ** 0.5
-    return max(1, int(height * scale)), max(1, int(width * scale))
+    new_height, new_width = max(1, int(height * scale)), max(1, int(width * scale))
+    # A side held at one pixel (an image thinner than the scale) leaves the other side all the pixels.
+    if new_height == 1:
+        new_width = min(new_width, max_pixels)
+    if new_width == 1:
+        new_height = min(new_height, max_pixels)
+    return new_height, new_width
 
 
 def _per_image(prompts, num_images: int, single: bool) -> list[list[str]]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .image import nearest_indices
 from .language import LanguageEncoder
 from .model import XDecoderModel
 from .predictor import PanopticResult
@@ -528,7 +529,9 @@ def mask_iou_score(result: PanopticResult, target: SegmentationTarget, labels: S
         # A smaller result has the targets' shape, but for rounding each side to whole pixels.
         if max(scales) > 1 or abs(scales[0] - scales[1]) > 1 / height + 1 / width:
             raise ValueError(f"target masks {tuple(masks.shape[1:])} and prediction {(height, width)} differ in size")
-        masks = F.interpolate(masks[None].float(), size=(height, width), mode="nearest-exact")[0] > 0.5
+        rows = torch.from_numpy(nearest_indices(masks.shape[1], height)).to(masks.device)
+        cols = torch.from_numpy(nearest_indices(masks.shape[2], width)).to(masks.device)
+        masks = masks[:, rows[:, None], cols]
     target_masks = masks.cpu().numpy().astype(bool)
     segment_masks = {segment.id: result.id_map == segment.id for segment in result.segments}
     scores = []
