@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xdecoder import Prediction, Predictor, XDecoderConfig, XDecoderModel, load_model
+from xdecoder import Prediction, Predictor, PreparedImage, XDecoderConfig, XDecoderModel, load_model
 from xdecoder.checkpoint import with_replaced_weights
-from xdecoder.image import to_rgb
 
 from .images import ImageFetcher, ImageFetchError
 from .label_config import ControlSpec, ImageSpec, PanopticVocabulary, ProjectSpec, Prompt
@@ -219,7 +218,11 @@ class ModelService:
                 if on_task is not None:
                     on_task(index, prediction_of(index))
         images = [w for task_works in works for w in task_works]
-        fetches = _Prefetch(self._pool, self.fetcher.fetch, images, tasks, ahead=PREFETCH + self.settings.batch_size)
+
+        def fetch(url: str, task_id) -> PreparedImage:  # on the fetch threads: the model's thread only runs the model
+            return predictor.prepare(self.fetcher.fetch(url, task_id))
+
+        fetches = _Prefetch(self._pool, fetch, images, tasks, ahead=PREFETCH + self.settings.batch_size)
         processed = 0
         seconds_per_image = 0.0
         while processed < len(images):
@@ -282,7 +285,7 @@ class ModelService:
         for work, future in group:
             task_id = tasks[work.task_index].get("id")
             try:
-                ready.append((work, to_rgb(future.result())))
+                ready.append((work, future.result()))
             except ImageFetchError as error:
                 logger.error("task %s: no prediction, image unavailable (%s): %s", task_id, error.reason, error)
                 progress.failed[work.task_index] = error.reason
@@ -303,12 +306,12 @@ class ModelService:
         else:
             predictions = []
         results = {id(w): p for (w, _), p in zip(asks, predictions, strict=True)}
-        for work, rgb in ready:
+        for work, image in ready:
             prediction = results.get(id(work), Prediction())
             referring = _referring_regions(work, prediction)
             ids = RegionIds(tasks[work.task_index].get("id"), work.spec.name, fresh=work.interactive)
             progress.regions[work.task_index] += image_regions(
-                work.spec, rgb.shape[:2], work.controls, prediction, referring, ids, self.polygon_options
+                work.spec, image.image_size, work.controls, prediction, referring, ids, self.polygon_options
             )
             progress.scores[work.task_index].append(task_score(prediction, referring))
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from xdecoder import ResizePolicy
-from xdecoder.image import to_rgb
+from xdecoder.image import rgb_pixels, to_rgb
 
 
 def test_resize_policy_matches_the_official_demo_rule():
@@ -73,3 +73,20 @@ def test_inputs_become_rgb_uint8(image, expected_pixel):
 def test_bad_images_are_clear_errors(bad):
     with pytest.raises((ValueError, TypeError)):
         to_rgb(bad)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "1", "P", "CMYK", "I;16", "I", "F"])
+@pytest.mark.parametrize("size", [(40, 60), (12, 16)])  # resized to short side 20, and enlarged
+def test_resizing_a_pil_image_equals_resizing_its_rgb_array(mode, size):
+    """PIL images are resized as they are (no full-size array is made of a photo), to the same pixels."""
+    noise = np.random.default_rng(1).random((size[0], size[1], 4))
+    if mode in ("I;16", "I"):
+        image = Image.fromarray((noise[..., 0] * 65535).astype(np.uint16)).convert(mode)
+    elif mode == "F":
+        image = Image.fromarray(noise[..., 0].astype(np.float32), "F")
+    else:
+        image = Image.fromarray((noise * 255).astype(np.uint8), "RGBA").convert(mode)
+    policy = ResizePolicy(short_side=20, max_long_side=None)
+    pixels = rgb_pixels(image)
+    assert isinstance(pixels, Image.Image) == (mode not in ("I;16", "I", "F"))
+    assert np.array_equal(policy.resize(pixels), policy.resize(to_rgb(image)))

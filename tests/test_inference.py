@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 
 import pytest
@@ -127,6 +128,23 @@ def test_each_task_is_reported_as_soon_as_it_is_predicted(service, tasks, label_
     assert [p for _, p in sorted(reported, key=lambda r: r[0])] == outcome.predictions
     assert outcome.predictions[1].error is not None and outcome.predictions[3].error == "no_image"
     assert outcome.predictions[0].result and outcome.predictions[0].model_version == "tiny"
+
+
+def test_images_are_made_ready_for_the_model_on_the_fetch_threads(service, tasks, monkeypatch):
+    from xdecoder import Predictor, PreparedImage
+
+    threads = []
+    prepare = Predictor.prepare
+
+    def recorded(self, image):
+        if not isinstance(image, PreparedImage):  # predict() takes prepared images as they are
+            threads.append(threading.current_thread().name)
+        return prepare(self, image)
+
+    monkeypatch.setattr(Predictor, "prepare", recorded)
+    outcome = service.predict(tasks, ProjectSpec.parse(CONFIG), project=3)
+    assert all(prediction.result for prediction in outcome.predictions)
+    assert len(threads) == len(tasks) and all(name.startswith("fetch") for name in threads)
 
 
 def test_images_are_fetched_a_few_ahead_of_the_model_not_all_at_once(settings, label_studio):

@@ -154,3 +154,16 @@ def test_results_of_large_images_are_made_at_most_max_output_pixels_of_the_same_
     assert np.mean(capped.referring.masks == full.referring.masks[:, 1::2, 1::2]) > 0.9
     with pytest.raises(ValueError, match="max_output_pixels"):
         Predictor(predictor.model, max_output_pixels=0)
+
+
+def test_images_prepared_ahead_give_the_same_results(predictor):
+    picture = image(40, 60, seed=4)
+    prepared = predictor.prepare(picture)
+    assert prepared.image_size == (40, 60) and prepared.output_size == (40, 60)
+    assert prepared.resized.shape == (64, 96, 3)  # short side 64
+    direct = predictor.panoptic(picture, LABELS, stuff=STUFF)
+    ahead = predictor.panoptic(prepared, LABELS, stuff=STUFF)
+    assert np.array_equal(direct.id_map, ahead.id_map) and direct.segments == ahead.segments
+    other = Predictor(predictor.model, short_side=32)
+    with pytest.raises(ValueError, match="prepared by a Predictor with another"):
+        other.panoptic(prepared, LABELS)

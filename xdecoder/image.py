@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image
 
 ImageInput = Image.Image | np.ndarray
+# PIL modes of 16-bit PNGs; "I" holds 32-bit ints, which here are 16-bit samples. `to_rgb` scales them to 8 bits.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,25 @@ class ResizePolicy:
         new_short = max(new_short, 1)
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
-    def resize(self, rgb: np.ndarray) -> np.ndarray:
-        """[H, W, 3] uint8 -> [h, w, 3] uint8."""
-        height, width = rgb.shape[:2]
+    def resize(self, rgb: np.ndarray | Image.Image) -> np.ndarray:
+        """[H, W, 3] uint8, or an RGB PIL image (see `rgb_pixels`) -> [h, w, 3] uint8."""
+        image = rgb if isinstance(rgb, Image.Image) else None
+        height, width = (image.height, image.width) if image is not None else rgb.shape[:2]
         size = self.output_size(height, width)
         if size == (height, width):
-            return rgb
-        return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BICUBIC))
+            return np.asarray(rgb)
+        image = image if image is not None else Image.fromarray(rgb)
+        return np.asarray(image.resize((size[1], size[0]), Image.BICUBIC))
+
+
+def rgb_pixels(image: ImageInput) -> np.ndarray | Image.Image:
+    """The image's RGB pixels as `to_rgb` makes them, left a PIL image where the image is one that converts to RGB as
+    it is: turning a large photo into an array costs more than resizing it, and the model needs it resized."""
+    if isinstance(image, Image.Image) and image.mode not in (*SIXTEEN_BIT_MODES, "F"):
+        if image.width == 0 or image.height == 0:
+            raise ValueError("image is empty")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
 
 
 def to_rgb(image: ImageInput) -> np.ndarray:
@@ -58,8 +72,7 @@ def to_rgb(image: ImageInput) -> np.ndarray:
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     if image.width == 0 or image.height == 0:
         raise ValueError("image is empty")
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit PNGs open as one of these; "I" holds 32-bit ints, which here are 16-bit samples.
+    if image.mode in SIXTEEN_BIT_MODES:
         return _array_to_rgb(np.clip(np.asarray(image), 0, 65535).astype(np.uint16))
     if image.mode == "F":
         return _array_to_rgb(np.asarray(image))
