@@ -75,18 +75,27 @@ def test_bad_images_are_clear_errors(bad):
         to_rgb(bad)
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "1", "P", "CMYK", "I;16", "I", "F"])
-@pytest.mark.parametrize("size", [(40, 60), (12, 16)])  # resized to short side 20, and enlarged
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+EIGHT_BIT = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+@pytest.mark.parametrize("mode", [*EIGHT_BIT, *SIXTEEN_BIT, "F"])
+@pytest.mark.parametrize("size", [(40, 60), (12, 16), (20, 30)])  # made smaller, larger, and left as it is
 def test_resizing_a_pil_image_equals_resizing_its_rgb_array(mode, size):
-    """PIL images are resized as they are (no full-size array is made of a photo), to the same pixels."""
+    """PIL images of 8-bit modes are resized as they are, with no full-size array made of a photo, to the same
+    pixels as their `to_rgb` array; 16-bit and float images go through that array."""
     noise = np.random.default_rng(1).random((size[0], size[1], 4))
-    if mode in ("I;16", "I"):
+    if mode in SIXTEEN_BIT:
         image = Image.fromarray((noise[..., 0] * 65535).astype(np.uint16)).convert(mode)
     elif mode == "F":
         image = Image.fromarray(noise[..., 0].astype(np.float32), "F")
     else:
-        image = Image.fromarray((noise * 255).astype(np.uint8), "RGBA").convert(mode)
+        rgba = Image.fromarray((noise * 255).astype(np.uint8), "RGBA")
+        image = rgba.convert("P").convert("PA") if mode == "PA" else rgba.convert(mode)
+    assert image.mode == mode
     policy = ResizePolicy(short_side=20, max_long_side=None)
     pixels = rgb_pixels(image)
-    assert isinstance(pixels, Image.Image) == (mode not in ("I;16", "I", "F"))
-    assert np.array_equal(policy.resize(pixels), policy.resize(to_rgb(image)))
+    assert isinstance(pixels, Image.Image) == (mode in EIGHT_BIT)
+    resized = policy.resize(pixels)
+    assert resized.shape == (*policy.output_size(*size), 3) and resized.dtype == np.uint8
+    assert np.array_equal(resized, policy.resize(to_rgb(image)))

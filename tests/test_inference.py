@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from backend import inference
+from backend.brush import rle_to_mask
 from backend.inference import ModelService, cpu_quota, use_cpu_threads
 from backend.label_config import ProjectSpec
 from backend.versions import VersionRegistry, project_id
@@ -145,6 +146,21 @@ def test_images_are_made_ready_for_the_model_on_the_fetch_threads(service, tasks
     outcome = service.predict(tasks, ProjectSpec.parse(CONFIG), project=3)
     assert all(prediction.result for prediction in outcome.predictions)
     assert len(threads) == len(tasks) and all(name.startswith("fetch") for name in threads)
+
+
+def test_regions_of_an_image_over_result_max_pixels_are_given_at_the_images_size(settings, label_studio):
+    brush = CONFIG.replace("PolygonLabels", "BrushLabels")
+    service = ModelService(settings.model_copy(update={"result_max_pixels": 64 * 48 // 4}))
+    task = {"id": 1, "data": {"image": label_studio.upload("large.png", png(64, 48, seed=2))}}
+    try:
+        regions = service.predict([task], ProjectSpec.parse(brush), project=3).predictions[0].result
+        polygons = service.predict([task], ProjectSpec.parse(CONFIG), project=3).predictions[0].result
+    finally:
+        service.close()
+    assert regions and polygons
+    assert {(r["original_width"], r["original_height"]) for r in regions + polygons} == {(64, 48)}
+    for region in regions:  # painted on the whole image
+        assert rle_to_mask(region["value"]["rle"], 48, 64).any()
 
 
 def test_images_are_fetched_a_few_ahead_of_the_model_not_all_at_once(settings, label_studio):

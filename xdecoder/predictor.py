@@ -141,7 +141,7 @@ class Vocabulary:
         return len(self.texts) != len(self.labels)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds an array
 class PreparedImage:
     """An image made ready for one Predictor (`Predictor.prepare`), which `predict` takes in place of the image."""
 
@@ -267,7 +267,8 @@ class Predictor:
 
     def prepare(self, image: ImageInput | PreparedImage) -> PreparedImage:
         """The image converted to RGB and resized for the model, which `predict` does itself; done ahead (on
-        another thread, say), it keeps that work off the model's way. Large images take 0.1-0.2 s."""
+        another thread, say), it keeps that work off the model's way. Large images take 0.1-0.2 s. A PIL image
+        opened lazily is loaded here: give each thread images of its own, or `load()` them first."""
         settings = (self.resize_policy, self.max_output_pixels)
         if isinstance(image, PreparedImage):
             if image.prepared_for != settings:
