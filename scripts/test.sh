@@ -14,7 +14,7 @@ if [ -z "${XDECODER_E2E_LABEL_STUDIO:-}" ]; then
     if [ "$installed" != "$LABEL_STUDIO_VERSION" ]; then
         "$PYTHON" -m venv .venv-labelstudio
         .venv-labelstudio/bin/python -m pip install --quiet --upgrade pip
-        .venv-labelstudio/bin/python -m pip install --quiet "label-studio==$LABEL_STUDIO_VERSION"
+        .venv-labelstudio/bin/python -m pip install --quiet "label-studio==$LABEL_STUDIO_VERSION" "sentry-sdk<3"
     fi
     export XDECODER_E2E_LABEL_STUDIO="$PWD/.venv-labelstudio/bin/label-studio"
 fi

@@ -10,6 +10,7 @@ from redis import Redis
 
 from backend.queues import EmbeddedRedis
 from backend.settings import Settings
+from tests import e2e
 from tests.helpers import REFERENCE, backend_settings, write_tiny_checkpoint
 from tests.standin_ls import StandInLabelStudio
 
@@ -54,6 +55,15 @@ def settings(tmp_path, tiny_checkpoint, redis_url, label_studio) -> Settings:
         XDECODER_SHORT_SIDE=64,
         XDECODER_POLYGON_MIN_AREA=4,
     )
+
+
+@pytest.fixture(scope="session")
+def label_studio_url(tmp_path_factory):
+    """One real Label Studio for every e2e test of the session (see tests/e2e.py)."""
+    if not e2e.LABEL_STUDIO:
+        pytest.skip("set XDECODER_E2E_LABEL_STUDIO to a label-studio executable")
+    with e2e.running_label_studio(tmp_path_factory.mktemp("label-studio")) as url:
+        yield url
 
 
 def reference_payload(name: str) -> dict:

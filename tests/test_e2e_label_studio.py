@@ -15,73 +15,21 @@ reaches the backend and a worker stores it), press Start Training, then pre-anno
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests import e2e
 from tests.helpers import backend_settings, subprocess_env
-from tests.standin_ls import TOKEN, png
+from tests.standin_ls import png
 
-LABEL_STUDIO = os.environ.get("XDECODER_E2E_LABEL_STUDIO")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = (ROOT / "label_config" / "panoptic_and_referring_polygons.xml").read_text()
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not LABEL_STUDIO, reason="set XDECODER_E2E_LABEL_STUDIO to a label-studio executable"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} did not come up in {timeout:.0f} s")
-
-
-@pytest.fixture(scope="module")
-def label_studio_url(tmp_path_factory):
-    port = free_port()
-    env = {
-        **os.environ,
-        "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": "admin12345",
-        "LABEL_STUDIO_USER_TOKEN": TOKEN,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "ML_BLOCK_LOCAL_IP": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "LATEST_VERSION_CHECK": "false",
-        "COLLECT_ANALYTICS": "false",
-    }
-    data = tmp_path_factory.mktemp("label-studio")
-    command = [LABEL_STUDIO, "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port), "--data-dir",
-               str(data)]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", timeout=300)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+pytestmark = e2e.marks
 
 
 @pytest.fixture(scope="module")
@@ -92,26 +40,17 @@ def backend(label_studio_url, tmp_path_factory, tiny_checkpoint):
     settings = backend_settings(
         tiny_checkpoint, folder, label_studio_url, XDECODER_SHORT_SIDE=64, XDECODER_POLYGON_MIN_AREA=4
     )
-    port = free_port()
     env = subprocess_env(settings)
-    server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env)  # fmt: skip
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", timeout=120)
-        yield f"http://127.0.0.1:{port}", env
+        with e2e.running_backend(env, folder / "serve.log") as url:
+            yield url, env
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         EmbeddedRedis(folder / "redis").stop()  # the server started it as a daemon
-
-
-def api(label_studio_url: str) -> httpx.Client:
-    return httpx.Client(base_url=label_studio_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=120)
 
 
 def test_label_studio_gets_labelled_editable_polygons_and_sends_corrections(label_studio_url, backend):
     backend_url, env = backend
-    ls = api(label_studio_url)
+    ls = e2e.api(label_studio_url)
     project = ls.post("/api/projects/", json={"title": "e2e", "label_config": CONFIG}).json()["id"]
     upload = ls.post(f"/api/projects/{project}/import", files={"file": ("scene.png", png(96, 64), "image/png")})
     assert upload.status_code == 201, upload.text
