@@ -18,6 +18,24 @@ if [ -z "${XDECODER_E2E_LABEL_STUDIO:-}" ]; then
     fi
     export XDECODER_E2E_LABEL_STUDIO="$PWD/.venv-labelstudio/bin/label-studio"
 fi
+# The browser test (tests/test_browser.py) drives Debian's Chromium through its ChromeDriver; no browser download.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+        && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        chromium chromium-driver; then
+        :
+    elif [ "${CI:-}" = true ]; then
+        echo "scripts/test.sh: could not install chromium and chromium-driver with apt-get; CI needs them" >&2
+        exit 1
+    else
+        echo "scripts/test.sh: chromium and chromium-driver are missing and apt-get (as root) could not install" \
+            "them: tests/test_browser.py will skip" >&2
+    fi
+fi
+# The compose checks (tests/test_deploy.py): dclint, which also ships the Compose specification's JSON schema.
+if [ ! -x .venv/npm/node_modules/.bin/dclint ]; then
+    npm install --silent --no-audit --no-fund --prefix .venv/npm dclint@3.1.0
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
