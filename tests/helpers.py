@@ -16,8 +16,14 @@ PARITY_FIXTURES = SHARED / "fixtures" / "xdecoder_parity"
 REFERENCE = SHARED / "reference"
 
 
-def tiny_config(variant: str = "focal_dw", num_queries: int = 11) -> XDecoderConfig:
-    """Small enough to run in milliseconds; head counts are the ones `from_state_dict` infers."""
+# The official captioning needs as many queries as the text context (77): a captioning tiny model has 80.
+CAPTIONING_QUERIES = 80
+
+
+def tiny_config(variant: str = "focal_dw", num_queries: int | None = None, captioning: bool = False) -> XDecoderConfig:
+    """Small enough to run in milliseconds; head counts are the ones `from_state_dict` infers. 11 queries, or with
+    `captioning` 80 (a model that can caption: text width = projection = decoder width, queries >= 77)."""
+    num_queries = num_queries or (CAPTIONING_QUERIES if captioning else 11)
     return XDecoderConfig(
         backbone=BackboneConfig(
             variant=variant, embed_dim=16, depths=(1, 1, 1, 1), focal_levels=(2, 2, 2, 2), focal_windows=(3, 3, 3, 3)
@@ -30,15 +36,24 @@ def tiny_config(variant: str = "focal_dw", num_queries: int = 11) -> XDecoderCon
     )
 
 
-def tiny_model(seed: int = 0, variant: str = "focal_dw", num_queries: int = 11) -> XDecoderModel:
+def tiny_model(
+    seed: int = 0, variant: str = "focal_dw", num_queries: int | None = None, captioning: bool = False
+) -> XDecoderModel:
     """Seeded random weights, with a temperature high enough that class scores are decisive."""
     torch.manual_seed(seed)
-    model = build_model(tiny_config(variant, num_queries))
+    model = build_model(tiny_config(variant, num_queries, captioning))
     with torch.no_grad():
         model.language.logit_scale.fill_(math.log(60.0))
         for name, param in model.named_parameters():
             if name.endswith("gamma_1") or name.endswith("gamma_2"):
                 param.fill_(0.5)
+        # build_model leaves the retrieval projection and the captioning head at zero (official checkpoints replace
+        # them); random values make rankings and captions depend on the image. Own generator: the global seed's
+        # stream, which other tests rely on, stays as it was.
+        generator = torch.Generator().manual_seed(seed)
+        model.backbone_proj.normal_(std=0.5, generator=generator)
+        if model.config.decoder.captioning:
+            model.decoder.caping_embed.normal_(std=0.5, generator=generator)
     return model.eval()
 
 
@@ -52,9 +67,9 @@ def official_state_dict(model: XDecoderModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_tiny_checkpoint(path: Path, seed: int = 0, fmt: str = "pt") -> Path:
+def write_tiny_checkpoint(path: Path, seed: int = 0, fmt: str = "pt", captioning: bool = False) -> Path:
     """An official-format `.pt` (plain state dict) or our `.safetensors` (config in the header)."""
-    model = tiny_model(seed)
+    model = tiny_model(seed, captioning=captioning)
     if fmt == "safetensors":
         return save_checkpoint(model, path)
     torch.save(official_state_dict(model), path)

@@ -1,4 +1,5 @@
-"""X-Decoder in plain PyTorch: official checkpoints, panoptic and referring segmentation.
+"""X-Decoder in plain PyTorch: official checkpoints, panoptic and referring segmentation, captioning,
+image-text ranking and image-level classification.
 
 Public API: XDecoderConfig, build_model, load_model, Predictor (and the result types).
 """
@@ -8,6 +9,7 @@ from .config import XDecoderConfig
 from .image import ResizePolicy
 from .model import XDecoderModel, build_model
 from .predictor import (
+    Caption,
     PanopticResult,
     Prediction,
     Predictor,
@@ -15,10 +17,12 @@ from .predictor import (
     ReferringResult,
     Segment,
     SemanticResult,
+    TextRanking,
     Vocabulary,
 )
 
 __all__ = [
+    "Caption",
     "CheckpointMismatchError",
     "PanopticResult",
     "Prediction",
@@ -28,6 +32,7 @@ __all__ = [
     "ResizePolicy",
     "Segment",
     "SemanticResult",
+    "TextRanking",
     "Vocabulary",
     "XDecoderConfig",
     "XDecoderModel",

@@ -58,7 +58,8 @@ class DecoderConfig:
     """The X-Decoder transformer decoder. `num_queries` counts the object queries plus the one class query;
     `dec_layers` is the official DEC_LAYERS, of which one is the prediction on the learnable queries, so
     the decoder has `dec_layers - 1` transformer layers. The pixel decoder's encoder shares `nheads` and
-    `dim_feedforward` (as in the official code)."""
+    `dim_feedforward` (as in the official code). `captioning`: the checkpoint has the captioning head;
+    `captioning_steps`: tokens a caption may have (the official CAPTIONING.STEP)."""
 
     hidden_dim: int = 512
     num_queries: int = 101
@@ -67,6 +68,7 @@ class DecoderConfig:
     dec_layers: int = 10
     enforce_input_proj: bool = False
     captioning: bool = True
+    captioning_steps: int = 50
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class XDecoderConfig:
                 dec_layers=int(decoder["DEC_LAYERS"]),
                 enforce_input_proj=bool(decoder.get("ENFORCE_INPUT_PROJ", False)),
                 captioning=bool((decoder.get("CAPTIONING") or {}).get("ENABLED", False)),
+                captioning_steps=int((decoder.get("CAPTIONING") or {}).get("STEP", 50)),
             ),
             text=TextConfig(
                 width=int(text["WIDTH"]),

@@ -42,13 +42,24 @@ class Attention(nn.Module):
         """Input projections, split into heads: each [B, heads, L, C / heads]."""
         dim = query.shape[-1]
         w, b = self.in_proj_weight, self.in_proj_bias
-        if query is key:
-            q, k = F.linear(query, w[: 2 * dim], b[: 2 * dim]).chunk(2, dim=-1)
-        else:
-            q = F.linear(query, w[:dim], b[:dim])
-            k = F.linear(key, w[dim : 2 * dim], b[dim : 2 * dim])
+        if query is not key:
+            return self.query_projection(query), *self.project_keys_values(key, value)
+        q, k = F.linear(query, w[: 2 * dim], b[: 2 * dim]).chunk(2, dim=-1)
         v = F.linear(value, w[2 * dim :], b[2 * dim :])
         return self._split_heads(q), self._split_heads(k), self._split_heads(v)
+
+    def project_keys_values(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Key and value projections alone (keys that many queries reuse): each [B, heads, L, C / heads]."""
+        dim = key.shape[-1]
+        w, b = self.in_proj_weight, self.in_proj_bias
+        k = F.linear(key, w[dim : 2 * dim], b[dim : 2 * dim])
+        v = F.linear(value, w[2 * dim :], b[2 * dim :])
+        return self._split_heads(k), self._split_heads(v)
+
+    def query_projection(self, query: Tensor) -> Tensor:
+        """[B, L, C] -> [B, heads, L, C / heads]."""
+        dim = query.shape[-1]
+        return self._split_heads(F.linear(query, self.in_proj_weight[:dim], self.in_proj_bias[:dim]))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
         """Scaled dot-product attention of projected heads, then the output projection -> [B, Lq, C]."""

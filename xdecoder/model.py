@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import FocalNet
+from .captioning import caption_support
 from .config import XDecoderConfig
 from .language import LanguageEncoder
 from .pixel_decoder import PixelDecoder, PixelDecoderOutput
@@ -51,7 +52,7 @@ class XDecoderModel(nn.Module):
     def __init__(self, config: XDecoderConfig):
         super().__init__()
         self.config = config
-        # Image-text retrieval projection: unused here, kept so official checkpoints load strictly.
+        # Image-text retrieval: the pooled stride-32 backbone features [backbone_dim] into the joint space [D].
         self.backbone_proj = nn.Parameter(torch.zeros(config.backbone_dim, config.dim_proj))
         self.backbone = FocalNet(config.backbone)
         language = LanguageEncoder(config.text, config.dim_proj)
@@ -97,6 +98,16 @@ class XDecoderModel(nn.Module):
         return self.config.decoder.num_queries
 
     @property
+    def caption_support(self) -> str | None:
+        """Why this model cannot caption as the official code does, or None when it can."""
+        return caption_support(self.config)
+
+    @property
+    def can_caption(self) -> bool:
+        """The model has the captioning weights and a shape the official captioning supports."""
+        return self.caption_support is None
+
+    @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
@@ -124,9 +135,21 @@ class XDecoderModel(nn.Module):
         class_embeddings: Tensor | None,
         grounding: GroundingTokens | None = None,
         all_layer_masks: bool = False,
+        caption_context: bool = False,
     ) -> DecoderOutput:
         pixel = features.pixel
-        return self.decoder(pixel.multi_scale, pixel.mask_features, class_embeddings, grounding, all_layer_masks)
+        return self.decoder(
+            pixel.multi_scale, pixel.mask_features, class_embeddings, grounding, all_layer_masks, caption_context
+        )
+
+    def backbone_embedding(self, features: ImageFeatures) -> Tensor:
+        """The retrieval ensemble's image embedding [B, D]: the stride-32 backbone map averaged over all its
+        positions (padding included, as officially), @ backbone_proj; not normalised."""
+        return features.backbone["res5"].float().mean(dim=(2, 3)) @ self.backbone_proj.float()
+
+    def decoder_embedding(self, output: DecoderOutput) -> Tensor:
+        """The image's decoder embedding [B, D]: the final re-pooled class query @ class_embed; not normalised."""
+        return output.final.captions[:, output.num_queries - 1]
 
     def forward(
         self,

@@ -5,7 +5,10 @@
     result = predictor.panoptic(image, ["person", "car", "sky"], stuff={"sky"})
     result.id_map, result.segments
     predictor.referring(image, ["the red car on the left"]).masks
-    both = predictor.predict(image, labels=[...], prompts=[...])   # the image is encoded once
+    predictor.caption(image).text                          # models with the captioning head (can_caption)
+    predictor.rank(image, ["a dog on grass", "a city street"]).probabilities
+    predictor.classify(image, ["dog", "cat"])              # image-level label probabilities
+    both = predictor.predict(image, labels=[...], prompts=[...], caption=True)   # the image is encoded once
 
 Images may be PIL images or numpy arrays (see `xdecoder.image.to_rgb`), one or a list, or images made ready
 ahead with `predictor.prepare(image)`.
@@ -24,7 +27,9 @@ from PIL import Image
 from torch import Tensor
 
 from . import postprocess
+from .captioning import CaptionDecoding, greedy_captions
 from .image import ImageInput, ResizePolicy, rgb_pixels
+from .language import MAX_GROUNDING_SCALE
 from .model import XDecoderModel
 from .postprocess import Geometry
 from .text import (
@@ -81,10 +86,44 @@ class ReferringResult:
 
 
 @dataclass
+class Caption:
+    """A caption as the official `evaluate_captioning` gives it (greedy decoding).
+
+    text: the decoded tokens cut at the first end token, then at the first '.' (the official text rule).
+    token_ids: the greedy tokens after the start token, up to and including the first end token (all of them,
+        `captioning_steps`, when none ended the caption).
+    score: the geometric mean of those tokens' softmax probabilities over the vocabulary, exp(mean(log p)), in
+        (0, 1]: how sure the greedy decoding was, not a calibrated probability that the caption is right.
+    """
+
+    text: str
+    token_ids: list[int]
+    score: float
+
+
+@dataclass
+class TextRanking:
+    """Texts ranked against an image as the official retrieval evaluator scores them.
+
+    similarity: [N] float32, 0.5 * cosine(backbone embedding, text) + 0.5 * cosine(decoder embedding, text): the
+        backbone embedding is the mean of the stride-32 backbone map @ backbone_proj, the decoder embedding the
+        re-pooled class query @ class_embed, a text's embedding its end token @ lang_proj (no prompt templates).
+    probabilities: [N] float32, softmax over the N texts of similarity * min(exp(logit_scale), 100).
+    """
+
+    texts: list[str]
+    similarity: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass
 class Prediction:
     panoptic: PanopticResult | None = None
     semantic: SemanticResult | None = None
     referring: ReferringResult | None = None
+    caption: Caption | None = None
+    ranking: TextRanking | None = None
+    classification: np.ndarray | None = None  # [L] see Predictor.classify
 
 
 @dataclass(frozen=True)
@@ -156,6 +195,9 @@ class _Tasks:
     vocabulary: Vocabulary | None
     panoptic: bool
     semantic: bool
+    caption: bool = False
+    classify: bool = False
+    rank_texts: tuple[str, ...] = ()
 
 
 class Predictor:
@@ -229,6 +271,30 @@ class Predictor:
         sequence, as in the official model), so each can see the others."""
         return self._map(self.predict(images, prompts=prompts), "referring")
 
+    def caption(
+        self, images: ImageInput | PreparedImage | Sequence[ImageInput | PreparedImage]
+    ) -> Caption | list[Caption]:
+        """The official greedy caption of each image (ValueError on a model that cannot caption: `can_caption`)."""
+        return self._map(self.predict(images, caption=True), "caption")
+
+    def rank(
+        self, images: ImageInput | PreparedImage | Sequence[ImageInput | PreparedImage], texts: Sequence[str]
+    ) -> TextRanking | list[TextRanking]:
+        """`texts` scored against each image as the official image-text retrieval does (see TextRanking)."""
+        return self._map(self.predict(images, rank_texts=texts), "ranking")
+
+    def classify(
+        self,
+        images: ImageInput | PreparedImage | Sequence[ImageInput | PreparedImage],
+        labels: Sequence[str],
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Image-level label probabilities [L] (float32) from the class query's logits (the official
+        `evaluate_classification`, with the prompt-template class embeddings): a softmax over the labels' texts
+        ("background" left out: it is no image-level class), synonyms adding up."""
+        predictions = self.predict(images, labels=labels, synonyms=synonyms, panoptic=False, classify=True)
+        return self._map(predictions, "classification")
+
     def predict(
         self,
         images: ImageInput | PreparedImage | Sequence[ImageInput | PreparedImage],
@@ -238,32 +304,51 @@ class Predictor:
         synonyms: Mapping[str, Sequence[str]] | None = None,
         semantic: bool = False,
         panoptic: bool = True,
+        caption: bool = False,
+        rank_texts: Sequence[str] = (),
+        classify: bool = False,
     ) -> Prediction | list[Prediction]:
-        """Panoptic (and semantic) for `labels` and referring for `prompts` from ONE image encoding.
+        """Panoptic (and semantic) for `labels`, referring for `prompts`, the caption (`caption=True`), `rank_texts`
+        ranked (`Prediction.ranking`) and label probabilities (`classify=True`, `Prediction.classification`), all
+        from ONE image encoding (backbone and pixel decoder once per image).
 
         prompts: a list of strings for every image, or (with a list of images) one list per image.
+        rank_texts: a list of strings ranked for every image.
         """
         single = not isinstance(images, list | tuple)
         image_list = [images] if single else list(images)
         if not image_list:
             return []
         vocabulary = Vocabulary.build(labels, stuff, synonyms) if labels else None
-        if vocabulary is None and (semantic or stuff or synonyms):
-            raise ValueError("labels are required for panoptic and semantic results")
+        if vocabulary is None and (semantic or stuff or synonyms or classify):
+            raise ValueError("labels are required for panoptic, semantic and classification results")
         per_image_prompts = _per_image(prompts, len(image_list), single)
-        if vocabulary is None and not any(per_image_prompts):
-            raise ValueError("nothing to predict: give labels, prompts, or both")
-        tasks = _Tasks(vocabulary, panoptic=vocabulary is not None and panoptic, semantic=semantic)
+        rank_texts = _texts(rank_texts, "rank_texts")
+        if caption and not self.model.can_caption:
+            raise ValueError(f"this model cannot caption: {self.model.caption_support}")
+        if vocabulary is None and not (any(per_image_prompts) or caption or rank_texts):
+            raise ValueError("nothing to predict: give labels, prompts, caption=True or rank_texts")
+        tasks = _Tasks(vocabulary, vocabulary is not None and panoptic, semantic, caption, classify, rank_texts)
+        rank_embeddings = self.text_embeddings(rank_texts) if rank_texts else None
         results = []
         for start in range(0, len(image_list), self.batch_size):
             end = start + self.batch_size
-            results += self._predict_batch(image_list[start:end], tasks, per_image_prompts[start:end])
+            results += self._predict_batch(image_list[start:end], tasks, per_image_prompts[start:end], rank_embeddings)
         return results[0] if single else results
 
     # ------------------------------------------------------------------------------- embeddings
     def class_embeddings(self, texts: Sequence[str]) -> Tensor:
         """[len(texts) + 1, D] L2-normalised template-ensemble embeddings, "background" appended."""
         return self.embedding_cache.get(self.fingerprint, self.model.language, self.tokenizer, [*texts, BACKGROUND])
+
+    def text_embeddings(self, texts: Sequence[str]) -> Tensor:
+        """[N, D] retrieval embeddings of whole texts: each text's end token @ lang_proj (the official
+        `get_text_token_embeddings(text)['class_emb']`: no prompt templates, not normalised)."""
+        token_ids, attention = self.tokenizer(list(texts))
+        longest = int(attention.sum(dim=1).max())  # the encoder is causal: padding after the end changes nothing
+        with torch.inference_mode():
+            _, pooled = self.model.language.encode(token_ids[:, :longest].to(self.model.device))
+        return pooled
 
     def prepare(self, image: ImageInput | PreparedImage) -> PreparedImage:
         """The image converted to RGB and resized for the model, which `predict` does itself; done ahead (on
@@ -280,7 +365,11 @@ class Predictor:
 
     # -------------------------------------------------------------------------------- internals
     def _predict_batch(
-        self, images: list[ImageInput | PreparedImage], tasks: _Tasks, prompts: list[list[str]]
+        self,
+        images: list[ImageInput | PreparedImage],
+        tasks: _Tasks,
+        prompts: list[list[str]],
+        rank_embeddings: Tensor | None,
     ) -> list[Prediction]:
         prepared = [self.prepare(img) for img in images]
         model = self.model
@@ -291,7 +380,11 @@ class Predictor:
             batch = model.prepare_images([torch.tensor(p.resized).permute(2, 0, 1) for p in prepared])
             with self._autocast():
                 features = model.encode_image(batch.pixels)
-                output = model.decode(features, class_embeddings, grounding_tokens(prompt_data))
+                output = model.decode(
+                    features, class_embeddings, grounding_tokens(prompt_data), caption_context=tasks.caption
+                )
+                captions = self._captions(output.caption_context) if tasks.caption else None
+                rankings = self._rankings(features, output, rank_embeddings) if tasks.rank_texts else None
             text_to_label = None
             if vocabulary is not None and vocabulary.has_synonyms:
                 text_to_label = torch.tensor(vocabulary.text_to_label, device=model.device)
@@ -324,8 +417,39 @@ class Predictor:
                         match.mask_scores.cpu().numpy(),
                         match.query.cpu().numpy(),
                     )
+                if tasks.classify:
+                    prediction.classification = _label_probabilities(
+                        output.object_logits[i, -1], text_to_label, len(vocabulary.labels)
+                    )
+                if captions is not None:
+                    prediction.caption = captions[i]
+                if rankings is not None:
+                    similarity, probabilities = rankings
+                    prediction.ranking = TextRanking(list(tasks.rank_texts), similarity[i], probabilities[i])
                 results.append(prediction)
         return results
+
+    def _captions(self, context) -> list[Caption]:
+        decoding: CaptionDecoding = greedy_captions(
+            self.model.decoder, context, self.model.config.decoder.captioning_steps
+        )
+        buffers = decoding.token_buffer.cpu()
+        captions = []
+        for i, buffer in enumerate(buffers.tolist()):
+            length = decoding.caption_length(i)
+            score = float(decoding.token_log_probs[i, :length].mean().exp())
+            captions.append(Caption(self.tokenizer.caption_text(buffer), buffer[1 : length + 1], score))
+        return captions
+
+    def _rankings(self, features, output, text_embeddings: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(similarity, probabilities), each [B, N] float32: see TextRanking."""
+        model = self.model
+        texts = _unit(text_embeddings.float())
+        similarity = 0.5 * _unit(model.backbone_embedding(features).float()) @ texts.t()
+        similarity += 0.5 * _unit(model.decoder_embedding(output).float()) @ texts.t()
+        scale = model.language.logit_scale.float().exp().clamp(max=MAX_GROUNDING_SCALE)
+        probabilities = (similarity * scale).softmax(dim=-1)
+        return similarity.cpu().numpy(), probabilities.cpu().numpy()
 
     def _panoptic_result(
         self, probs: Tensor, masks: Tensor, vocabulary: Vocabulary, geometry: Geometry
@@ -374,6 +498,29 @@ def output_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int
     if new_width == 1:
         new_height = min(new_height, max_pixels)
     return new_height, new_width
+
+
+def _unit(x: Tensor) -> Tensor:
+    """Rows scaled to unit length (no epsilon, as the official retrieval evaluator)."""
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _label_probabilities(logits: Tensor, text_to_label: Tensor | None, num_labels: int) -> np.ndarray:
+    """Class-query logits [K+1] (the last "background") -> [L] float32: softmax over the K texts, synonyms summed."""
+    probs = logits[:-1].float().softmax(dim=-1)
+    if text_to_label is not None:
+        probs = torch.zeros(num_labels, device=probs.device).index_add_(0, text_to_label, probs)
+    return probs.cpu().numpy()
+
+
+def _texts(texts: Sequence[str], name: str) -> tuple[str, ...]:
+    if isinstance(texts, str):
+        raise ValueError(f"{name} must be a list of strings, not a single string")
+    texts = tuple(texts)
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{name} must be non-empty strings, got {text!r}")
+    return texts
 
 
 def _per_image(prompts, num_images: int, single: bool) -> list[list[str]]:

@@ -87,6 +87,14 @@ class ClipTokenizer:
                     logger.warning("text of %d tokens cut to the model's %d: %.80r", length, self.context_length, text)
         return ids.long(), mask.long()
 
+    def caption_text(self, token_buffer: list[int]) -> str:
+        """The official caption text of a token buffer (start token first): decoded with its special tokens, cut
+        at the first end token, start tokens removed, stripped (`forward_captioning`), then cut at the first '.'
+        (`evaluate_captioning`)."""
+        text = self._tokenizer.decode(token_buffer, skip_special_tokens=False)
+        text = text.split(self._tokenizer.eos_token)[0].replace(self._tokenizer.bos_token, "").strip()
+        return text.split(".")[0]
+
 
 @lru_cache(maxsize=4)
 def get_tokenizer(context_length: int = 77) -> ClipTokenizer:

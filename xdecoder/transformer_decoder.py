@@ -39,9 +39,23 @@ class QueryPredictions:
 
 
 @dataclass
+class CaptionContext:
+    """What caption queries read from one decoder pass over an image batch, none of which depends on the caption
+    (object and class queries never attend to caption queries): per level the memory [B, h*w, C] and its position
+    embedding [1, h*w, C]; per layer the object and class queries entering self-attention [B, Q, C] (after
+    cross-attention), and their position embeddings `object_pos` [B, Q, C]."""
+
+    memories: list[Tensor]
+    memory_pos: list[Tensor]
+    object_states: list[Tensor]
+    object_pos: Tensor
+
+
+@dataclass
 class DecoderOutput:
     layers: list[QueryPredictions]  # the first on the learnable queries, the last is the final output
     num_queries: int
+    caption_context: CaptionContext | None = None
 
     @property
     def final(self) -> QueryPredictions:
@@ -127,7 +141,7 @@ class XDecoderTransformer(nn.Module):
         self.class_embed = nn.Parameter(torch.empty(hidden, dim_proj))
         nn.init.trunc_normal_(self.class_embed, std=0.02)
         if config.captioning:
-            # Captioning head: unused here, kept so official checkpoints load strictly.
+            # Captioning head (xdecoder.captioning decodes with it).
             self.caping_embed = nn.Parameter(torch.zeros(hidden, dim_proj))
         self.transformer_self_attention_layers = nn.ModuleList(
             SelfAttentionLayer(hidden, config.nheads) for _ in range(num_layers)
@@ -156,11 +170,13 @@ class XDecoderTransformer(nn.Module):
         class_embeddings: Tensor | None,
         grounding: GroundingTokens | None = None,
         all_layer_masks: bool = False,
+        caption_context: bool = False,
     ) -> DecoderOutput:
         """multi_scale: 3 maps [B, C, h_i, w_i] (strides 32, 16, 8); mask_features [B, M, H/4, W/4];
         class_embeddings [K+1, D] L2-normalised (last row "background"), or None to skip logits.
         all_layer_masks: also return the full-resolution masks of the intermediate layers (for deep
-        supervision and parity checks; inference needs only the final ones)."""
+        supervision and parity checks; inference needs only the final ones).
+        caption_context: also return what captioning reads from this pass (`DecoderOutput.caption_context`)."""
         batch = mask_features.shape[0]
         memories, memory_pos, level_sizes = [], [], []
         for level, x in enumerate(multi_scale):
@@ -189,6 +205,8 @@ class XDecoderTransformer(nn.Module):
         ]
         num_layers = len(self.transformer_ffn_layers)
         grounded = grounding is not None
+        object_pos = query_pos[:, : self.num_queries]
+        object_states = []
 
         prediction, mask_embed = self._predict(output, mask_features, class_embeddings, grounded, all_layer_masks)
         predictions = [prediction]
@@ -204,6 +222,8 @@ class XDecoderTransformer(nn.Module):
             blocked = self._cross_attention_mask(mask_embed, level_features[level], grounded)
             num_rows = output.shape[1]
             output = cross(output, memories[level], memory_pos[level], query_pos[:, :num_rows], blocked)
+            if caption_context:
+                object_states.append(output[:, : self.num_queries])
             if grounding is not None:
                 output = torch.cat((output, text_state), dim=1)
             output = ffn(self_attn(output, query_pos, self_blocked))
@@ -212,7 +232,8 @@ class XDecoderTransformer(nn.Module):
             full_masks = all_layer_masks or i == num_layers - 1
             prediction, mask_embed = self._predict(output, mask_features, class_embeddings, grounded, full_masks)
             predictions.append(prediction)
-        return DecoderOutput(predictions, self.num_queries)
+        context = CaptionContext(memories, memory_pos, object_states, object_pos) if caption_context else None
+        return DecoderOutput(predictions, self.num_queries, context)
 
     def _predict(
         self,
