@@ -23,6 +23,12 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # benchmark measures it). Read when torch loads OpenMP, so it is set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .memory import cap_malloc_arenas  # noqa: E402
+
+# Two malloc arenas (unless MALLOC_ARENA_MAX is set): the server's memory stays flat under concurrent requests
+# (backend/memory.py). Before any thread starts.
+cap_malloc_arenas()
+
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
 
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON line of figures last")
-    bench.add_argument("which", choices=["model", "polygons", "server", "queue"])
+    bench.add_argument("which", choices=["model", "polygons", "server", "queue", "memory"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
 
     args = parser.parse_args(argv)
@@ -289,7 +295,9 @@ def _bench(settings: Settings, args) -> int:
         return 0
     import runpy
 
-    script = {"polygons": "polygons.py", "server": "server.py", "queue": "worker_queue.py"}[args.which]
+    script = {"polygons": "polygons.py", "server": "server.py", "queue": "worker_queue.py", "memory": "memory.py"}[
+        args.which
+    ]
     checkout = Path(__file__).resolve().parents[1]
     path = next(
         (folder / "bench" / script for folder in (Path.cwd(), checkout) if (folder / "bench" / script).is_file()), None
