@@ -10,12 +10,13 @@ LABEL_STUDIO_VERSION=1.23.2
 
 bash scripts/setup.sh test
 if [ -z "${XDECODER_E2E_LABEL_STUDIO:-}" ]; then
-    installed=$(.venv-labelstudio/bin/python -m pip show label-studio 2>/dev/null | sed -n 's/^Version: //p' || true)
-    if [ "$installed" != "$LABEL_STUDIO_VERSION" ]; then
+    if [ ! -x .venv-labelstudio/bin/python ]; then
         "$PYTHON" -m venv .venv-labelstudio
-        .venv-labelstudio/bin/python -m pip install --quiet --upgrade pip
-        .venv-labelstudio/bin/python -m pip install --quiet "label-studio==$LABEL_STUDIO_VERSION" "sentry-sdk<3"
     fi
+    # Every version from locks/label-studio.txt (a no-op once installed): label-studio's own ranges are open, and a
+    # fresh resolve once brought a sentry-sdk that breaks it at import.
+    .venv-labelstudio/bin/python -m pip install --quiet --upgrade pip
+    .venv-labelstudio/bin/python -m pip install --quiet "label-studio==$LABEL_STUDIO_VERSION" -c locks/label-studio.txt
     export XDECODER_E2E_LABEL_STUDIO="$PWD/.venv-labelstudio/bin/label-studio"
 fi
 # The browser test (tests/test_browser.py) drives Debian's Chromium through its ChromeDriver; no browser download.
