@@ -7,9 +7,10 @@ and the official code's outputs at every stage (format: shared/fixtures/xdecoder
 Every recorded array is recomputed through this package's public API and compared: floats within
 the fixture's per-array tolerance (noise_floor.json: 20x what the official code itself varies across
 thread counts and float64, at least 1e-4), integer arrays exactly, except label maps, which may differ
-at the near-tie pixels the fixture counts. Prints one line per array; exits 1 if any is out of
-tolerance. Instance-segmentation arrays are not compared: this package has no instance output, and the
-fixture marks them tie-sensitive.
+at the near-tie pixels the fixture counts. Fixtures hold different sets of files: every stage whose file
+is there is checked (captioning and retrieval included), and the last lines name the files checked.
+Prints one line per array; exits 1 if any is out of tolerance. Instance-segmentation arrays are not
+compared: this package has no instance output, and the fixture marks them tie-sensitive.
 """
 
 from __future__ import annotations
@@ -19,22 +20,26 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .captioning import caption_embeddings, greedy_captions, start_buffer, vocabulary_logits
 from .checkpoint import load_model
 from .config import XDecoderConfig
 from .model import XDecoderModel
 from .predictor import Predictor
 from .templates import PROMPT_TEMPLATES
 from .text import clean_class_name, prompt_embeddings, template_embeddings
-from .tokenizer import get_tokenizer
+from .tokenizer import START_TOKEN, get_tokenizer
 from .transformer_decoder import GroundingTokens
 
 DEFAULT_ATOL = 1e-4
+DEFAULT_THRESHOLD = 0.8  # the official object-mask and overlap thresholds, for fixtures whose meta has none
+TOP_K = 5  # captioning.npz records each step's top-5 vocabulary entries
 
 
 @dataclass
@@ -60,13 +65,23 @@ class Fixture:
     def __init__(self, folder: Path):
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
-        noise_path = folder / "noise_floor.json"
-        self.noise = json.loads(noise_path.read_text()) if noise_path.exists() else {"arrays": {}, "near_ties": {}}
+        self.files_checked: list[str] = []
+        # noise_floor.json and the per-task ones (noise_floor_retrieval.json, ...) share one format.
+        self.noise: dict = {"arrays": {}, "near_ties": {}}
+        for path in sorted(folder.glob("noise_floor*.json")):
+            noise = json.loads(path.read_text())
+            self.noise["arrays"] |= noise.get("arrays", {})
+            self.noise["near_ties"] |= noise.get("near_ties", {})
+
+    def has(self, file: str) -> bool:
+        return (self.folder / file).is_file()
 
     def arrays(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays of `<name>.npz` (recorded as checked), or None when the fixture has no such file."""
         path = self.folder / f"{name}.npz"
         if not path.exists():
             return None
+        self.files_checked.append(path.name)
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
 
@@ -90,15 +105,45 @@ class ParityRun:
         self.tokenizer = get_tokenizer(self.config.text.context_length)
         self.things, self.stuff = list(meta["thing_classes"]), list(meta["stuff_classes"])
         self.prompts = list(meta["referring_prompts"])
-        thresholds = meta["thresholds"]
+        thresholds = meta.get("thresholds", {})
         self.predictor = Predictor(
             self.model,
             short_side=int(meta["resize"]["short_side"]),
             max_long_side=None,
-            object_mask_threshold=float(thresholds["object_mask_threshold"]),
-            overlap_threshold=float(thresholds["overlap_threshold"]),
+            object_mask_threshold=float(thresholds.get("object_mask_threshold", DEFAULT_THRESHOLD)),
+            overlap_threshold=float(thresholds.get("overlap_threshold", DEFAULT_THRESHOLD)),
         )
-        self.image = Image.open(folder / meta["image"]["file"])
+        self.image = Image.open(folder / meta.get("image", {}).get("file", "image.png"))
+
+    # ------------------------------------------------- model inputs and intermediates, computed when first needed
+    @cached_property
+    def pixels(self) -> torch.Tensor:
+        """[1, 3, Hp, Wp] the normalised, padded model input."""
+        prepared = self.predictor.prepare(self.image)
+        return self.model.prepare_images([torch.tensor(prepared.resized).permute(2, 0, 1)]).pixels
+
+    @cached_property
+    def features(self):
+        with torch.inference_mode():
+            return self.model.encode_image(self.pixels)
+
+    @cached_property
+    def class_embeddings(self) -> torch.Tensor:
+        return self.predictor.class_embeddings([*self.things, *self.stuff])
+
+    @cached_property
+    def prompt_embeddings(self):
+        return prompt_embeddings(self.model.language, self.tokenizer, self.prompts)
+
+    @cached_property
+    def seg_output(self):
+        """The panoptic ('seg') decoder pass with the fixture's labels, every layer's masks, the captioning context."""
+        with torch.inference_mode():
+            return self.model.decode(self.features, self.class_embeddings, all_layer_masks=True, caption_context=True)
+
+    @cached_property
+    def object_probs(self) -> torch.Tensor:
+        return self.seg_output.object_logits[0].softmax(dim=-1)
 
     # ---------------------------------------------------------------------------------- comparisons
     def close(self, name: str, ours, theirs) -> None:
@@ -118,9 +163,22 @@ class ParityRun:
 
     # --------------------------------------------------------------------------------------- stages
     def run(self) -> list[Check]:
-        for stage in (self.tokens, self.inputs, self.text, self.image_encoder, self.decoder, self.panoptic,
-                      self.referring, self.batch):  # fmt: skip
-            stage()
+        """Every stage whose recorded file the fixture has."""
+        stages = {
+            "inputs.npz": self.inputs,
+            "text.npz": self.text,
+            "backbone.npz": self.image_encoder,
+            "predictor_seg.npz": self.decoder,
+            "seg_outputs.npz": self.panoptic,
+            "grounding.npz": self.referring,
+            "batch2.npz": self.batch,
+            "captioning.npz": self.captioning,
+            "retrieval.npz": self.retrieval,
+        }
+        self.tokens()
+        for file, stage in stages.items():
+            if self.fixture.has(file):
+                stage()
         return self.checks
 
     def tokens(self) -> None:
@@ -132,13 +190,14 @@ class ParityRun:
         templates = self.fixture.meta.get("prompt_templates")
         if templates is not None:
             self.checks.append(Check("meta/prompt_templates", "exact", int(list(PROMPT_TEMPLATES) != templates), 0))
+        if cases or templates is not None:
+            self.fixture.files_checked.append("meta.json")
 
     def inputs(self) -> None:
         recorded = self.fixture.arrays("inputs")
         prepared = self.predictor.prepare(self.image)
         self.equal("inputs/image_resized_uint8", prepared.resized, recorded["image_resized_uint8"])
         batch = self.model.prepare_images([torch.tensor(prepared.resized).permute(2, 0, 1)])
-        self.pixels = batch.pixels
         self.close("inputs/image_normalized_padded", batch.pixels[0], recorded["image_normalized_padded"])
         self.equal("inputs/valid_size", batch.sizes[0], recorded["valid_size"])
         self.equal("inputs/output_size", prepared.output_size, recorded["output_size"])
@@ -155,7 +214,6 @@ class ParityRun:
         self.equal("text/class_attention_mask", mask.view(shape), recorded["class_attention_mask"])
         per_template = template_embeddings(self.model.language, self.tokenizer, names)
         self.close("text/class_template_embeddings", per_template, recorded["class_template_embeddings"])
-        self.class_embeddings = self.predictor.class_embeddings([*self.things, *self.stuff])
         self.close("text/class_embeddings", self.class_embeddings, recorded["class_embeddings"])
 
         ids, mask = self.tokenizer(self.prompts)
@@ -164,16 +222,15 @@ class ParityRun:
         with torch.inference_mode():
             all_tokens, _ = self.model.language.encode(ids)
         self.close("text/prompt_token_embeddings", all_tokens, recorded["prompt_token_embeddings"])
-        self.prompt_embeddings = prompt_embeddings(self.model.language, self.tokenizer, self.prompts)
         self.close("text/prompt_pooled_embeddings", self.prompt_embeddings.pooled, recorded["prompt_pooled_embeddings"])
 
     def image_encoder(self) -> None:
-        with torch.inference_mode():
-            self.features = self.model.encode_image(self.pixels)
         recorded = self.fixture.arrays("backbone")
         for name in sorted(recorded):
             self.close(f"backbone/{name}", self.features.backbone[name], recorded[name])
         recorded = self.fixture.arrays("pixel_decoder")
+        if recorded is None:
+            return
         pixel = self.features.pixel
         self.close("pixel_decoder/mask_features", pixel.mask_features, recorded["mask_features"])
         self.close("pixel_decoder/encoder_output", pixel.encoder_output, recorded["encoder_output"])
@@ -181,9 +238,7 @@ class ParityRun:
             self.close(f"pixel_decoder/multi_scale_{level}", features, recorded[f"multi_scale_{level}"])
 
     def decoder(self) -> None:
-        with torch.inference_mode():
-            output = self.model.decode(self.features, self.class_embeddings, all_layer_masks=True)
-        self.object_probs = output.object_logits[0].softmax(dim=-1)
+        output = self.seg_output
         recorded = self.fixture.arrays("predictor_seg")
         layers = {"": output.final} | {f"aux{i}_": layer for i, layer in enumerate(output.layers[:-1])}
         for prefix, layer in layers.items():
@@ -305,6 +360,100 @@ class ParityRun:
             self.equal(f"batch2/img{i}_semantic_argmax", prediction.semantic.label_map,
                        recorded[f"img{i}_semantic_argmax"], allowed=semantic_ties, kind="ties")  # fmt: skip
 
+    def captioning(self) -> None:
+        """`evaluate_captioning`: our incremental greedy decoding against the official 50 full re-runs."""
+        recorded = self.fixture.arrays("captioning")
+        model, decoder = self.model, self.model.decoder
+        support = model.caption_support
+        self.checks.append(Check(f"captioning/model can caption ({support or 'yes'})", "exact", int(bool(support)), 0))
+        if support:
+            return
+        context = self.seg_output.caption_context
+        start = start_buffer(1, model.language.context_length, model.device)
+        self.equal("captioning/start_token_buffer", start[0], recorded["start_token_buffer"])
+        with torch.inference_mode():
+            content, _ = model.language.encode(start)
+        self.close("captioning/step0_caption_query_content", content[0], recorded["step0_caption_query_content"])
+        self.close("captioning/step0_caption_query_pos", content[0] + decoder.pos_embed_caping.weight,
+                   recorded["step0_caption_query_pos"])  # fmt: skip
+        self.close("captioning/step0_decoder_input", torch.cat((decoder.query_feat.weight, content[0])),
+                   recorded["step0_decoder_input"])  # fmt: skip
+        heads = caption_embeddings(decoder, context, start, all_layers=True)
+        self.close("captioning/step0_outputs_captioning_all_layers", torch.stack([h[0] for h in heads]),
+                   recorded["step0_outputs_captioning_all_layers"])  # fmt: skip
+
+        steps = len(recorded["generated_token_ids"])  # the official loop never stops early
+        decoding = greedy_captions(decoder, context, steps, stop_at_end=False, keep_logits=True)
+        buffer = decoding.token_buffer[0]
+        self.equal("captioning/generated_token_ids", buffer[1 : steps + 1], recorded["generated_token_ids"])
+        self.equal("captioning/final_token_buffer", buffer, recorded["final_token_buffer"])
+        logits = decoding.logits[0]
+        top = logits.topk(TOP_K, dim=-1)
+        self.equal("captioning/step_topk_ids", top.indices, recorded["step_topk_ids"])
+        self.close("captioning/step_topk_logits", top.values, recorded["step_topk_logits"])
+        self.close("captioning/step_top2_margin", top.values[:, 0] - top.values[:, 1], recorded["step_top2_margin"])
+        first = recorded["step_logits_first"]
+        self.close("captioning/step_logits_first", logits[: len(first)], first)
+        self.close("captioning/step_caption_embedding", decoding.embeddings[0], recorded["step_caption_embedding"])
+        # The last step runs on the buffer before its own token is written.
+        last_input = buffer.clone()
+        last_input[steps] = START_TOKEN
+        (last,) = caption_embeddings(decoder, context, last_input[None])
+        self.close("captioning/last_step_outputs_captioning", last[0], recorded["last_step_outputs_captioning"])
+        with torch.inference_mode():
+            reference_logits = vocabulary_logits(decoder, last[0, :steps])
+        self.equal("captioning/last step's arg-max = the generated tokens", reference_logits.argmax(dim=-1),
+                   recorded["generated_token_ids"])  # fmt: skip
+
+        if self.fixture.has("captioning.json"):
+            self.fixture.files_checked.append("captioning.json")
+            official = json.loads((self.fixture.folder / "captioning.json").read_text())
+            caption = self.predictor.caption(self.image)
+            text = official["captioning_text"]
+            self.checks.append(Check("captioning.json/Predictor.caption text", "exact", int(caption.text != text), 0))
+            length = len(caption.token_ids)
+            self.equal("captioning.json/Predictor.caption token_ids", caption.token_ids,
+                       recorded["generated_token_ids"][:length])  # fmt: skip
+
+    def retrieval(self) -> None:
+        """`evaluate_retrieval` with the RetrievalEvaluator's ensemble score, and `evaluate_classification`."""
+        recorded = self.fixture.arrays("retrieval")
+        captions = [str(c) for c in recorded["captions"]]
+        expected = [*self.things, *self.stuff, *self.prompts]
+        self.checks.append(Check("retrieval/captions (meta labels + prompts)", "exact", int(captions != expected), 0))
+        self.equal("retrieval/num_class_captions", len(self.things) + len(self.stuff), recorded["num_class_captions"])
+        ids, mask = self.tokenizer(captions)
+        self.equal("retrieval/caption_token_ids", ids, recorded["caption_token_ids"])
+        self.equal("retrieval/caption_attention_mask", mask, recorded["caption_attention_mask"])
+        text = self.predictor.text_embeddings(captions)
+        self.close("retrieval/text_embeds", text, recorded["text_embeds"])
+        self.close(
+            "retrieval/text_embeds_normed", text / text.norm(dim=-1, keepdim=True), recorded["text_embeds_normed"]
+        )
+
+        with torch.inference_mode():
+            decoder_embed = self.model.decoder_embedding(self.seg_output)
+            backbone_embed = self.model.backbone_embedding(self.features)
+            pooled = self.features.backbone["res5"].mean(dim=(2, 3))
+        self.close("retrieval/backbone_res5_pooled", pooled, recorded["backbone_res5_pooled"])
+        for name, embed in (("decoder", decoder_embed), ("backbone", backbone_embed)):
+            normed = embed / embed.norm(dim=-1, keepdim=True)
+            self.close(f"retrieval/image_embed_{name}", embed, recorded[f"image_embed_{name}"])
+            self.close(f"retrieval/image_embed_{name}_normed", normed, recorded[f"image_embed_{name}_normed"])
+            self.close(f"retrieval/similarity_{name}", normed @ (text / text.norm(dim=-1, keepdim=True)).t(),
+                       recorded[f"similarity_{name}"])  # fmt: skip
+        ranking = self.predictor.rank(self.image, captions)
+        self.close("retrieval/similarity_ensemble", ranking.similarity[None], recorded["similarity_ensemble"])
+        self.equal("retrieval/text_rank", np.argsort(-ranking.similarity, kind="stable"), recorded["text_rank"])
+
+        logits = self.seg_output.object_logits[0, -1]
+        self.close("retrieval/classification_logits", logits, recorded["classification_logits"])
+        self.equal("retrieval/classification_argmax", logits.argmax(), recorded["classification_argmax"])
+        # Predictor.classify: the softmax of the official logits over the labels ("background" left out).
+        official = torch.from_numpy(recorded["classification_logits"][:-1]).softmax(dim=-1)
+        self.close("retrieval/Predictor.classify probabilities", self.predictor.classify(self.image,
+                   [*self.things, *self.stuff]), official)  # fmt: skip
+
 
 def _numpy(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
@@ -317,6 +466,15 @@ def run(folder: str | Path) -> list[Check]:
     return ParityRun(Path(folder)).run()
 
 
+def unchecked_files(folder: Path, checked: list[str]) -> list[str]:
+    """Recorded outputs in the folder that no stage of this tool reads (a newer fixture format, say)."""
+    recorded = sorted(p.name for p in folder.iterdir() if p.suffix in (".npz", ".json") and p.is_file())
+    ignored = ("meta.json",)  # read for the labels and sizes, compared only where it records tokenizer cases
+    return [
+        name for name in recorded if name not in checked and name not in ignored and not name.startswith("noise_floor")
+    ]
+
+
 def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> int:
     parser = argparse.ArgumentParser(prog="python -m xdecoder.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("fixture", type=Path, help="fixture folder (checkpoint.pt, config.yaml, meta.json, *.npz)")
@@ -326,13 +484,24 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
     if not (args.fixture / "meta.json").is_file():
         parser.error(f"{args.fixture} is not a parity fixture folder (no meta.json)")
     torch.set_num_threads(args.threads)
-    checks = run(args.fixture)
+    parity = ParityRun(args.fixture)
+    checks = parity.run()
     failed = [c for c in checks if not c.passed]
+    checked = list(dict.fromkeys(parity.fixture.files_checked))
+    unchecked = unchecked_files(args.fixture, checked)
     if args.json:
-        out(json.dumps({"fixture": str(args.fixture), "checks": [asdict(c) | {"passed": c.passed} for c in checks]}))
+        out(json.dumps({
+            "fixture": str(args.fixture),
+            "files_checked": checked,
+            "files_not_checked": unchecked,
+            "checks": [asdict(c) | {"passed": c.passed} for c in checks],
+        }))  # fmt: skip
     else:
         for check in checks:
             out(check.line())
+        out(f"files checked: {', '.join(checked)}")
+        if unchecked:
+            out(f"files NOT checked (unknown to this tool): {', '.join(unchecked)}")
         out(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
