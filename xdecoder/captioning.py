@@ -219,3 +219,61 @@ def caption_embeddings(
     """Every position of a token buffer [B, L] decoded at once -> caption embeddings [B, L, D] of the last
     prediction head (or of every head, the first before any decoder layer): what one official step computes."""
     return IncrementalCaptionDecoder(decoder, context).advance(token_buffer, all_layers=all_layers)
+
+
+def official_self_attention_mask(num_queries: int, context_length: int, device: torch.device) -> Tensor:
+    """The official `self_attn_mask` [1, 1, Q+L, Q+L] (True: may not attend): object and class queries see neither
+    each other nor the caption queries; caption queries see every object and class query and the caption
+    positions up to their own."""
+    size = num_queries + context_length
+    blocked = torch.zeros(size, size, dtype=torch.bool, device=device)
+    blocked[:num_queries, num_queries:] = True
+    blocked[num_queries:, num_queries:] = torch.ones(context_length, context_length, device=device).triu(1).bool()
+    blocked[: num_queries - 1, num_queries - 1] = True
+    blocked[num_queries - 1, : num_queries - 1] = True
+    return blocked[None, None]
+
+
+@torch.inference_mode()
+def reference_greedy_captions(
+    decoder: XDecoderTransformer, multi_scale: list[Tensor], mask_features: Tensor, steps: int
+) -> CaptionDecoding:
+    """The official `forward_captioning` written plainly, for tests and benchmarks: every step re-encodes the whole
+    buffer, appends it to the object and class queries and re-runs the whole decoder (prediction heads with masks
+    after every layer included), then keeps the arg-max at the step's position. Slow; `greedy_captions` computes
+    the same tokens. multi_scale, mask_features: the pixel decoder's outputs for a batch of B images."""
+    batch = mask_features.shape[0]
+    num_queries = decoder.num_queries
+    language = decoder.lang_encoder
+    context_length = language.context_length
+    memories, memory_pos, level_features = decoder.memories(multi_scale, mask_features)
+    self_blocked = official_self_attention_mask(num_queries, context_length, mask_features.device)
+    buffer = start_buffer(batch, context_length, mask_features.device)
+    query_feat = decoder.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+    query_embed = decoder.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
+    log_probs, embeddings = [], []
+    for step in range(steps):
+        content, _ = language.encode(buffer)
+        output = torch.cat((query_feat, content), dim=1)
+        query_pos = torch.cat((query_embed, content + decoder.pos_embed_caping.weight), dim=1)
+        _, mask_embed = decoder._predict(output[:, :num_queries], mask_features, None, False, full_masks=True)
+        layers = zip(
+            decoder.transformer_cross_attention_layers,
+            decoder.transformer_self_attention_layers,
+            decoder.transformer_ffn_layers,
+            strict=True,
+        )
+        for i, (cross, self_attn, ffn) in enumerate(layers):
+            level = i % NUM_LEVELS
+            blocked = decoder._cross_attention_mask(mask_embed, level_features[level], False)
+            # Caption queries' rows of the cross-attention mask are all False: they see the whole memory.
+            blocked = torch.cat((blocked, blocked.new_zeros(batch, 1, context_length, blocked.shape[-1])), dim=2)
+            output = cross(output, memories[level], memory_pos[level], query_pos, blocked)
+            output = ffn(self_attn(output, query_pos, self_blocked))
+            _, mask_embed = decoder._predict(output[:, :num_queries], mask_features, None, False, full_masks=True)
+        caption = decoder.decoder_norm(output[:, num_queries:]) @ decoder.caping_embed
+        logits = vocabulary_logits(decoder, caption[:, step])
+        buffer[:, step + 1] = logits.argmax(dim=-1)
+        log_probs.append(logits.float().log_softmax(dim=-1).gather(1, buffer[:, step + 1, None])[:, 0])
+        embeddings.append(caption[:, step])
+    return CaptionDecoding(buffer, torch.stack(log_probs, dim=1), torch.stack(embeddings, dim=1), None)

@@ -178,15 +178,7 @@ class XDecoderTransformer(nn.Module):
         supervision and parity checks; inference needs only the final ones).
         caption_context: also return what captioning reads from this pass (`DecoderOutput.caption_context`)."""
         batch = mask_features.shape[0]
-        memories, memory_pos, level_sizes = [], [], []
-        for level, x in enumerate(multi_scale):
-            level_sizes.append(tuple(x.shape[-2:]))
-            hidden = self.query_feat.embedding_dim
-            pos = sine_position_embedding(*x.shape[-2:], hidden // 2, x.device).to(x.dtype)
-            memory_pos.append(pos.flatten(2).transpose(1, 2))
-            projected = x if self.input_proj is None else self.input_proj[level](x)
-            memories.append(projected.flatten(2).transpose(1, 2) + self.level_embed.weight[level])
-
+        memories, memory_pos, level_features = self.memories(multi_scale, mask_features)
         output = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         if grounding is not None:
@@ -195,14 +187,6 @@ class XDecoderTransformer(nn.Module):
             text_state = grounding.tokens
             query_pos = torch.cat((query_pos, grounding.tokens), dim=1)
         self_blocked = self._self_attention_mask(grounding, output.device)
-        # A query attends where its mask, resized to the level, is on. Resizing is linear, so resizing
-        # the mask features once per level equals resizing every layer's masks (and is ~10x cheaper).
-        # (Float32, channels-first: antialiased bicubic has no half-precision CPU kernel and is several
-        # times slower on channels_last tensors.)
-        dense = mask_features.float().contiguous()
-        level_features = [
-            F.interpolate(dense, size=size, mode="bicubic", align_corners=False, antialias=True) for size in level_sizes
-        ]
         num_layers = len(self.transformer_ffn_layers)
         grounded = grounding is not None
         object_pos = query_pos[:, : self.num_queries]
@@ -234,6 +218,28 @@ class XDecoderTransformer(nn.Module):
             predictions.append(prediction)
         context = CaptionContext(memories, memory_pos, object_states, object_pos) if caption_context else None
         return DecoderOutput(predictions, self.num_queries, context)
+
+    def memories(
+        self, multi_scale: list[Tensor], mask_features: Tensor
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per level: the memory [B, h*w, C] (projected, plus the level embedding), its sine position embedding
+        [1, h*w, C], and the mask features resized to the level [B, M, h, w] (for the cross-attention masks)."""
+        memories, memory_pos, level_features = [], [], []
+        # A query attends where its mask, resized to the level, is on. Resizing is linear, so resizing
+        # the mask features once per level equals resizing every layer's masks (and is ~10x cheaper).
+        # (Float32, channels-first: antialiased bicubic has no half-precision CPU kernel and is several
+        # times slower on channels_last tensors.)
+        dense = mask_features.float().contiguous()
+        hidden = self.query_feat.embedding_dim
+        for level, x in enumerate(multi_scale):
+            pos = sine_position_embedding(*x.shape[-2:], hidden // 2, x.device).to(x.dtype)
+            memory_pos.append(pos.flatten(2).transpose(1, 2))
+            projected = x if self.input_proj is None else self.input_proj[level](x)
+            memories.append(projected.flatten(2).transpose(1, 2) + self.level_embed.weight[level])
+            level_features.append(
+                F.interpolate(dense, size=x.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+            )
+        return memories, memory_pos, level_features
 
     def _predict(
         self,
