@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.helpers import tiny_model
@@ -74,3 +75,15 @@ def test_one_pass_gives_the_same_scores_as_the_convenience_calls(predictor):
 def test_bad_input_is_a_clear_error(predictor, call, message):
     with pytest.raises(ValueError, match=message):
         call(predictor)
+
+
+def test_scores_are_float32_under_bfloat16_autocast():
+    model = tiny_model(seed=6, captioning=True)
+    picture = image(6)
+    plain = Predictor(model, short_side=64).predict(picture, labels=["dog", "car"], classify=True, rank_texts=TEXTS)
+    low = Predictor(model, short_side=64, autocast=torch.bfloat16).predict(
+        picture, labels=["dog", "car"], classify=True, rank_texts=TEXTS, caption=True
+    )
+    assert low.ranking.similarity.dtype == low.ranking.probabilities.dtype == low.classification.dtype == np.float32
+    np.testing.assert_allclose(low.ranking.similarity, plain.ranking.similarity, atol=2e-2)
+    assert 0 < low.caption.score <= 1 and low.caption.token_ids

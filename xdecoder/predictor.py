@@ -444,11 +444,12 @@ class Predictor:
     def _rankings(self, features, output, text_embeddings: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(similarity, probabilities), each [B, N] float32: see TextRanking."""
         model = self.model
-        texts = _unit(text_embeddings.float())
-        similarity = 0.5 * _unit(model.backbone_embedding(features).float()) @ texts.t()
-        similarity += 0.5 * _unit(model.decoder_embedding(output).float()) @ texts.t()
-        scale = model.language.logit_scale.float().exp().clamp(max=MAX_GROUNDING_SCALE)
-        probabilities = (similarity * scale).softmax(dim=-1)
+        backbone, decoder = model.backbone_embedding(features), model.decoder_embedding(output)
+        with torch.autocast(model.device.type, enabled=False):  # scores in float32 whatever the model ran in
+            texts = _unit(text_embeddings.float())
+            similarity = 0.5 * _unit(backbone.float()) @ texts.t() + 0.5 * _unit(decoder.float()) @ texts.t()
+            scale = model.language.logit_scale.float().exp().clamp(max=MAX_GROUNDING_SCALE)
+            probabilities = (similarity * scale).softmax(dim=-1)
         return similarity.cpu().numpy(), probabilities.cpu().numpy()
 
     def _panoptic_result(
