@@ -38,7 +38,9 @@ import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from redis.exceptions import RedisError  # noqa: E402
+from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.table import Column, Table  # noqa: E402
 
 from .settings import Settings, get_settings  # noqa: E402
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = get_settings()
         if args.log_level:
             settings = settings.model_copy(update={"log_level": args.log_level})
-        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(settings.log_level)
         return handler(settings, args) or 0
     except RedisError as error:
         errors.print(f"[red]error:[/] {_redis_location(settings)}: {error}", highlight=False)
@@ -126,6 +128,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted; jobs already queued go on in the workers")
         return 130
+
+
+# Libraries' INFO lines that say nothing an operator needs (every HTTP request httpx sends: each Label Studio call
+# and image download), shown only at DEBUG.
+CHATTY_LIBRARIES = ("httpx", "httpcore")
+# RQ's worker lines shown only at DEBUG: routine maintenance (every XDECODER_WORKER_MAINTENANCE seconds) and the
+# result retention of every job.
+RQ_ROUTINE = ("cleaning registries", "cleaning group registries", "result is kept for")
+
+
+def configure_logging(level: str) -> None:
+    """One handler (the root's) for every library, at `level`, with the routine chatter of httpx and RQ kept to
+    DEBUG."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)
+    rq_worker = logging.getLogger("rq.worker")
+    rq_worker.addFilter(lambda record: level == "DEBUG" or not any(p in str(record.msg) for p in RQ_ROUTINE))
+    # huggingface_hub gives its loggers a handler of their own that also propagates to the root's: every warning
+    # (a download's retries) was printed twice.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_root = hub_logging.get_logger()
+    for handler in list(hub_root.handlers):
+        hub_root.removeHandler(handler)
 
 
 def _positive(text: str) -> int:
@@ -173,6 +201,7 @@ def _worker(settings: Settings, args) -> int:
 
 def _preannotate(settings: Settings, args) -> int:
     from . import preannotate
+    from .progress import RunProgress
     from .queues import connect
 
     redis = connect(settings)
@@ -183,11 +212,21 @@ def _preannotate(settings: Settings, args) -> int:
             raise ValueError(f"--tasks takes all, missing, or task ids such as 1,2,3 (got {args.tasks!r})")
         ids, which = [int(piece) for piece in pieces], "all"
     run = preannotate.start(settings, redis, args.project, which, ids, args.prompt)
-    console.print(f"run {run.run_id}: {run.total} tasks, model version {run.version}, {len(run.job_ids)} jobs queued")
+    console.print(f"run {run.run_id}: {run.total} tasks, model version {run.version}, {len(run.job_ids)} jobs")
     if args.detach:
         return 0
-    final = preannotate.watch(redis, run)
+    final = preannotate.watch(redis, run, console=console)
     console.print(f"done {final.done}, failed {final.failed}, skipped {final.skipped} of {run.total}")
+    if failures := RunProgress(redis, run.run_id).failures():
+        console.print(preannotate.failures_table(failures, f"{len(failures)} tasks failed"))
+        console.print(
+            "A failed task gets no prediction. Fix the cause and run the same command again: "
+            "it predicts only the tasks without a prediction of this model version."
+        )
+    for job_id, tasks, error in preannotate.failed_jobs(redis, run.job_ids):
+        errors.print(f"[red]job {job_id}[/] ({tasks} tasks) failed after its retries: {error}", highlight=False)
+    if final.finished < run.total:
+        errors.print(f"{run.total - final.finished} tasks were not reached: `xdecoder-ls status` lists failed jobs")
     return 0 if final.failed == 0 and final.finished >= run.total else 1
 
 
@@ -230,6 +269,8 @@ def _versions(settings: Settings, args) -> int:
     from .versions import VersionRegistry
 
     registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    if args.project is not None:
+        _check_project_exists(settings, registry, args.project)
     if args.serve:
         version = registry.get(args.serve)  # refuses a version of another base checkpoint
         if version.is_base:
@@ -267,11 +308,40 @@ def _versions(settings: Settings, args) -> int:
     ]
     if args.json:
         print(json.dumps(rows))
-    else:
-        for row in rows:
-            mark = "*" if row["served"] else " "
-            console.print(f"{mark} {row['name']:<40} {row['status']:<10} project={row['project']} {row['metrics']}")
+        return 0
+    # Borderless, without `trained_on` (--json has it), so that it fits 80 columns with the official checkpoints'
+    # names and the version names are never cut.
+    table = Table(Column("version", no_wrap=True), "project", "status", "mIoU", "created", box=box.SIMPLE_HEAD)
+    for row in rows:
+        metrics = row["metrics"]
+        miou = f"{metrics['parent_miou']:.3f}→{metrics['miou']:.3f}" if "parent_miou" in metrics else ""
+        table.add_row(
+            ("* " if row["served"] else "  ") + row["name"], "all" if row["project"] is None else str(row["project"]),
+            row["status"], miou, time.strftime("%m-%d %H:%M", time.localtime(row["created_at"])),
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"* served for project {args.project}"
+        if args.project is not None
+        else "* served; the base serves every project that has no fine-tune of its own"
+    )
     return 0
+
+
+def _check_project_exists(settings: Settings, registry, project: int) -> None:
+    """Raises LookupError unless `project` has versions here, corrections in the store, or is in Label Studio."""
+    from .corrections import CorrectionStore
+    from .labelstudio import LabelStudioAPI, LabelStudioError, NotConfigured
+    from .queues import connect
+
+    if registry.all(project)[1:] or project in CorrectionStore(connect(settings)).projects():
+        return
+    try:
+        LabelStudioAPI(settings).label_config(project)
+    except (LabelStudioError, NotConfigured) as error:
+        raise LookupError(
+            f"no project {project}: it has no model versions and no corrections here, and {error}"
+        ) from None
 
 
 def _status(settings: Settings, args) -> int:

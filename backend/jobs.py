@@ -193,7 +193,7 @@ def predict_chunk(
         spec = ProjectSpec.parse(label_config or api.label_config(project))
     except LabelConfigError as error:
         for task in tasks:
-            progress.record("failed", int(task["id"]))
+            progress.record("failed", int(task["id"]), f"the labeling config cannot be pre-annotated: {error}")
         logger.error("project %s: cannot pre-annotate: %s", project, error)
         return counts | {"failed": len(tasks)}
     version = service.current_version(project)
@@ -220,7 +220,7 @@ def predict_chunk(
 
         def on_task(index: int, prediction) -> None:
             if prediction.error is not None:
-                progress.record("failed", int(to_predict[index]["id"]))
+                progress.record("failed", int(to_predict[index]["id"]), prediction.error)
                 counts["failed"] += 1
             else:
                 posts.append(calls.submit(post, int(to_predict[index]["id"]), prediction))

@@ -16,18 +16,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis import Redis
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rq.job import Job
+from rich.table import Table
+from rich.text import Text
+from rq.job import Job, JobStatus
 
 from .corrections import PREFIX
 from .label_config import ProjectSpec
 from .labelstudio import LabelStudioAPI, LabelStudioTask
-from .progress import ProgressSnapshot, RunProgress
+from .progress import ProgressSnapshot, RunProgress, explain
 from .queues import LIVE_JOB_STATES, PREDICT, enqueue
 from .settings import Settings
 from .versions import VersionRegistry
 
 CHUNK_SIZE = 16
+FAILURES_SHOWN = 20
 PLACEHOLDER_SUFFIXES = ("/pending", "/failed")  # empty answers /predict gave, not predictions
 POLL_S = 1.0
 QUEUED_TTL_S = 7 * 86400  # outlives the jobs it points at (their retries and the wait in a long queue included)
@@ -141,28 +145,79 @@ class QueuedTasks:
         return {task for task, job_id in job_of.items() if job_id in live}
 
 
-def watch(redis: Redis, run: PreannotateRun, poll_s: float = POLL_S) -> ProgressSnapshot:
+class _RunBar(Progress):
+    """The bar, its count and timers on one line that fits a narrow terminal (the bar shrinks), with the outcomes
+    and the rate on the line under it, where a very narrow terminal cuts them rather than the timers."""
+
+    detail = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        yield Text(self.detail, no_wrap=True, overflow="ellipsis")
+
+
+def watch(
+    redis: Redis, run: PreannotateRun, poll_s: float = POLL_S, console: Console | None = None
+) -> ProgressSnapshot:
     """Show a live progress bar (done / failed / rate / ETA) until every task is accounted for, or every
     job has stopped (e.g. they failed for good)."""
     progress = RunProgress(redis, run.run_id)
     columns = (
-        TextColumn(f"[bold]project {run.project}[/] {run.version}"),
-        BarColumn(),
+        TextColumn(f"[bold]project {run.project}[/]"),
+        BarColumn(bar_width=None),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("preannotate", total=run.total, detail="")
+    with _RunBar(*columns, console=console, expand=True) as bar:
+        task = bar.add_task("preannotate", total=run.total)
         while True:
             snapshot = progress.snapshot()
             rate = snapshot.done / max(time.time() - snapshot.started_at, 1e-6)
-            detail = f"done {snapshot.done}  failed {snapshot.failed}  skipped {snapshot.skipped}  {rate:.2f}/s"
-            bar.update(task, completed=snapshot.finished, detail=detail)
+            bar.detail = (
+                f"  done {snapshot.done}, failed {snapshot.failed}, skipped {snapshot.skipped}, {rate:.2f} tasks/s"
+            )
+            bar.update(task, completed=snapshot.finished)
             if snapshot.finished >= run.total or not _any_job_alive(redis, run.job_ids):
                 return progress.snapshot()
             time.sleep(poll_s)
+
+
+def failed_jobs(redis: Redis, job_ids: Sequence[str]) -> list[tuple[str, int, str]]:
+    """The run's jobs that failed for good: (job id, how many tasks it had, the last line of its error)."""
+    failed = []
+    for job in Job.fetch_many(list(job_ids), connection=redis):
+        if job is not None and job.get_status() == JobStatus.FAILED:
+            latest = job.latest_result()
+            error = ((latest.exc_string if latest else None) or "").strip().splitlines()
+            failed.append((job.id, len(job.args[1]), error[-1] if error else "no error recorded"))
+    return failed
+
+
+def failures_table(failures: dict[int, str], title: str) -> Table:
+    """Failed tasks with why, the first FAILURES_SHOWN of them (the caption counts the rest)."""
+    table = Table("task", "why it failed", title=title, title_justify="left", expand=False)
+    for task, reason in list(failures.items())[:FAILURES_SHOWN]:
+        table.add_row(str(task), explain(reason))
+    if len(failures) > FAILURES_SHOWN:
+        table.caption = f"and {len(failures) - FAILURES_SHOWN} more"
+    return table
+
+
+def render_runs(runs: Sequence[dict], console: Console) -> None:
+    """The latest pre-annotation runs (as `status --json` lists them) and the failed tasks of each."""
+    if not runs:
+        return
+    table = Table("run", "project", "model version", "done", "failed", "skipped", "of", title="Pre-annotation runs")
+    for run in runs:
+        counts = (run["done"], run["failed"], run["skipped"], run["total"])
+        table.add_row(run["run"], str(run["project"]), run["version"], *map(str, counts))
+    console.print(table)
+    for run in runs:
+        if run["failed_tasks"]:
+            failures = {int(task): reason for task, reason in run["failed_tasks"].items()}
+            console.print(failures_table(failures, f"{run['run']}: {len(failures)} tasks failed"))
 
 
 def _any_job_alive(redis: Redis, job_ids: list[str]) -> bool:

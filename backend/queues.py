@@ -160,6 +160,21 @@ def queue(connection: Redis, name: str) -> Queue:
     return Queue(name, connection=connection, default_timeout=POLICIES[name].job_timeout)
 
 
+def describe_call(function: str, args: tuple) -> str:
+    """A job's description as the worker logs it: the function and a short form of its arguments (RQ's default
+    repeats them in full, webhook payloads and labeling configs included)."""
+
+    def short(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return f"{len(value)} items"
+        if isinstance(value, dict):
+            return f"{{{len(value)} keys}}"
+        shown = repr(value)
+        return shown if len(shown) <= 40 else f"<{len(shown)} characters>"
+
+    return f"{function.rsplit('.', 1)[-1]}({', '.join(map(short, args))})"
+
+
 def enqueue(
     connection: Redis, name: str, function: str, *args, job_id: str | None = None, retry: Retry | None = None, **kwargs
 ):
@@ -169,6 +184,7 @@ def enqueue(
     return queue(connection, name).enqueue(
         function,
         *args,
+        description=describe_call(function, args),
         job_id=job_id,
         job_timeout=policy.job_timeout,
         retry=retry or policy.retry,

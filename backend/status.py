@@ -16,11 +16,21 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 
 from .corrections import IGNORED_ACTIONS, REJECTED_EVENTS, CorrectionStore
 from .learning import finetune_job_status
+from .preannotate import render_runs
+from .progress import recent_runs
 from .queues import LIVE_JOB_STATES, QUEUE_NAMES
 from .settings import Settings
 from .versions import VersionRegistry
 
 FAILED_SHOWN = 10
+NO_PROJECTS_YET = (
+    "[bold]Projects[/] none yet: a project is listed once Label Studio sends this backend its first annotation "
+    "(a task submitted or updated in the editor; see the webhook set-up in the README)"
+)
+IGNORED_IS_FINE = (
+    "nothing to worry about: Label Studio's webhook sends every action, and only annotation events and "
+    "START_TRAINING teach the model"
+)
 
 
 def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, Any]:
@@ -67,6 +77,7 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
         "finetune_cron": settings.finetune_cron,
         "projects": projects,
         "events_ignored": {k.decode(): int(v) for k, v in redis.hgetall(IGNORED_ACTIONS).items()},
+        "preannotate_runs": recent_runs(redis),
         "events_rejected": [json.loads(e) for e in redis.lrange(REJECTED_EVENTS, 0, 19)],
         "generated_at": time.time(),
     }
@@ -105,13 +116,15 @@ def render(status: dict[str, Any], console: Console) -> None:
             project, str(info["corrections"]), str(info["new_since_last_finetune"]), str(len(info["excluded"])),
             summary, info["model_version"],
         )  # fmt: skip
-    console.print(table)
+    console.print(table if status["projects"] else NO_PROJECTS_YET)
     for project, info in status["projects"].items():
         if info["last_finetune"].get("detail"):
             console.print(f"  project {project}: last fine-tune not served: {info['last_finetune']['detail']}")
         for annotation, reason in list(info["excluded"].items())[:10]:
             console.print(f"  project {project}: annotation {annotation} kept out of training: {reason}")
+    render_runs(status["preannotate_runs"], console)
     if status["events_ignored"]:
-        console.print("ignored webhook actions: " + ", ".join(f"{k} x{v}" for k, v in status["events_ignored"].items()))
+        counts = ", ".join(f"{k} x{v}" for k, v in status["events_ignored"].items())
+        console.print(f"webhook actions received and ignored: {counts} ({IGNORED_IS_FINE})")
     for event in status["events_rejected"][:5]:
         console.print(f"  rejected webhook {event['action']}: {event['reason']}")

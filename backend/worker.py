@@ -106,4 +106,4 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False, name:
         worker_ttl=settings.worker_maintenance_s + 15,
     )
     logger.info("worker %s listening on %s", worker.name, ", ".join(queues))
-    return worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+    return worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -221,3 +222,108 @@ def test_a_redis_password_is_masked_in_status(settings):
 def test_common_mistakes_are_one_line_errors(settings, redis, change, command, phrases):
     change = {k: v.format(port=closed_port()) if isinstance(v, str) else v for k, v in change.items()}
     assert_one_line_error(run(settings.model_copy(update=change), *command), *phrases)
+
+
+# ------------------------------------------------------------------------------ output a person reads
+def preannotate_with_a_worker(
+    settings, redis, *args: str, columns: int = 80
+) -> tuple[subprocess.CompletedProcess, str]:
+    """`preannotate` waiting for a worker (--burst) that runs its jobs: (the command's result, the worker's log)."""
+    env = subprocess_env(settings, COLUMNS=str(columns))
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "preannotate", *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while Queue("predict", connection=redis).count == 0:  # queued before the worker looks
+            assert time.monotonic() < deadline and waiting.poll() is None, waiting.communicate()
+            time.sleep(0.1)
+        worker = run(settings, "worker", "--queues", "predict", "--burst")
+        assert worker.returncode == 0, worker.stderr
+        out, err = waiting.communicate(timeout=300)  # a shared, busy machine: the worker's first poll is slow
+    finally:
+        waiting.kill()
+    return subprocess.CompletedProcess(waiting.args, waiting.returncode, out, err), worker.stdout + worker.stderr
+
+
+def project_with_a_missing_image(label_studio, project: int) -> int:
+    """A project of three tasks, one of whose images is not in Label Studio; returns that task's id."""
+    label_studio.add_project(project, CONFIG)
+    for i in range(2):
+        label_studio.add_task(
+            project, {"image": label_studio.upload(f"ok{i}.png", png(32, 32, seed=i), project=project)}
+        )
+    return label_studio.add_task(project, {"image": f"/data/upload/{project}/gone.png"})
+
+
+def test_preannotate_names_each_failed_task_and_why_in_a_narrow_terminal_and_the_worker_log_stays_short(
+    settings, redis, label_studio
+):
+    missing = project_with_a_missing_image(label_studio, 21)
+    result, worker_log = preannotate_with_a_worker(settings, redis, "--project", "21", columns=60)
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert "HTTP Request" not in result.stdout + result.stderr
+    assert "done 2, failed 1, skipped 0 of 3" in lines
+    # The bar keeps its timers (elapsed, eta) within 60 columns; the run's details go on the line under it.
+    bar = next(line for line in lines if line.startswith("project 21"))
+    assert len(bar) <= 60 and re.search(r" 3/3 +0:\d\d:\d\d +eta +0:00:00$", bar), bar
+    detail = lines[lines.index(bar) + 1]
+    assert detail.startswith("  done 2, failed 1, skipped 0, ") and len(detail) <= 60, detail
+    # Which task failed, and why.
+    assert any(re.match(rf"│ {missing} +│ not_found: the image was not found ", line) for line in lines), result.stdout
+    assert "Fix the cause and run the same command again" in " ".join(result.stdout.split())
+    # status lists the run and its failed task too.
+    status = run(settings, "status")
+    assert "Pre-annotation runs" in status.stdout and f"│ {missing} " in status.stdout, status.stdout
+    (listed,) = json.loads(run(settings, "status", "--json").stdout)["preannotate_runs"]
+    assert (listed["project"], listed["done"], listed["failed_tasks"]) == (21, 2, {str(missing): "not_found"})
+    # The worker's log: no line per HTTP request, no routine maintenance, jobs without their arguments in full.
+    assert "HTTP Request" not in worker_log
+    assert "cleaning registries" not in worker_log and "result is kept" not in worker_log
+    assert "<View" not in worker_log and "predict_chunk(21, 3 items, <" in worker_log, worker_log
+    assert f"task {missing}: no prediction, image unavailable (not_found)" in worker_log
+
+
+def test_versions_are_a_table_that_marks_what_is_served(settings):
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    registry.create(3, {"x": torch.zeros(1)}, "tiny", 4, {"miou": 0.71, "parent_miou": 0.65}, status="rejected")
+    result = run(settings, "versions")
+    assert result.returncode == 0, result.stderr
+    assert "project=None" not in result.stdout and "{}" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[1].split() == ["version", "project", "status", "mIoU", "created"], result.stdout
+    cells = [line.split() for line in lines[3:] if len(line.split()) >= 5]
+    rows = {row[1] if row[0] == "*" else row[0]: row for row in cells}
+    assert rows["tiny"][:4] == ["*", "tiny", "all", "base"]
+    assert rows["tiny.p3.v1"][:4] == ["tiny.p3.v1", "3", "rejected", "0.650→0.710"]
+    assert all(len(line) <= 80 for line in lines)
+    assert "* served; the base serves every project that has no fine-tune of its own" in result.stdout
+
+
+def test_versions_of_a_project_nobody_knows_is_an_error(settings, redis, label_studio):
+    assert_one_line_error(
+        run(settings, "versions", "--project", "99"),
+        "no project 99: it has no model versions and no corrections here",
+        "has no project 99 (404)",
+    )
+    assert run(settings, "versions", "--serve", "tiny", "--project", "99").returncode == 2
+    label_studio.add_project(31, CONFIG)  # known to Label Studio, nothing here yet: its listing is the base
+    listed = run(settings, "versions", "--project", "31")
+    assert listed.returncode == 0 and "* served for project 31" in listed.stdout, listed.stderr
+    redis.sadd("xdls:projects", 32)  # corrections here, and Label Studio does not answer for it
+    assert run(settings, "versions", "--project", "32").returncode == 0
+
+
+def test_status_before_the_first_correction_says_what_to_expect(settings, redis):
+    redis.hincrby("xdls:events:ignored", "TASKS_CREATED", 2)
+    result = run(settings, "status")
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    assert "Projects none yet: a project is listed once Label Studio sends this backend its first annotation" in out
+    assert "corrections" not in out  # no empty table
+    assert (
+        "webhook actions received and ignored: TASKS_CREATED x2 (nothing to worry about: Label Studio's webhook "
+        "sends every action, and only annotation events and START_TRAINING teach the model)"
+    ) in out
