@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
 
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON line of figures last")
-    bench.add_argument("which", choices=["model", "polygons", "server", "queue", "memory"])
+    bench.add_argument("which", choices=["model", "polygons", "server", "queue", "memory", "learning"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
 
     args = parser.parse_args(argv)
@@ -365,9 +365,13 @@ def _bench(settings: Settings, args) -> int:
         return 0
     import runpy
 
-    script = {"polygons": "polygons.py", "server": "server.py", "queue": "worker_queue.py", "memory": "memory.py"}[
-        args.which
-    ]
+    script = {
+        "polygons": "polygons.py",
+        "server": "server.py",
+        "queue": "worker_queue.py",
+        "memory": "memory.py",
+        "learning": "learning.py",
+    }[args.which]
     checkout = Path(__file__).resolve().parents[1]
     path = next(
         (folder / "bench" / script for folder in (Path.cwd(), checkout) if (folder / "bench" / script).is_file()), None

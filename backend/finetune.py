@@ -14,9 +14,11 @@ served model as it was and no half-written version behind.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,14 +28,16 @@ from rq import get_current_job
 
 from xdecoder import Predictor, Vocabulary, XDecoderModel
 from xdecoder.checkpoint import with_replaced_weights
+from xdecoder.evaluation import SegmentationScores
 from xdecoder.image import to_rgb
-from xdecoder.training import FineTuner, SegmentationTarget, mask_iou_score, trainable_parameters
+from xdecoder.training import Augmentation, FineTuneConfig, FineTuner, SegmentationTarget, trainable_parameters
 
 from .brush import polygon_to_mask, rle_to_mask
 from .corrections import Correction, CorrectionStore
 from .images import ImageFetchError
 from .label_config import ImageSpec, LabelConfigError, PanopticVocabulary, ProjectSpec
 from .learning import forget_rerun_request, release_claim
+from .settings import Settings
 from .versions import ModelVersion, VersionRegistry
 
 logger = logging.getLogger(__name__)
@@ -88,7 +92,7 @@ def run_finetune(ctx, project: int, reason: str) -> dict[str, Any]:
 
 
 def _finetune(ctx, project: int, store: CorrectionStore) -> dict[str, Any]:
-    settings, service = ctx.settings, ctx.service
+    service = ctx.service
     try:
         spec = ProjectSpec.parse(store.label_config(project))
     except LabelConfigError as error:
@@ -99,59 +103,127 @@ def _finetune(ctx, project: int, store: CorrectionStore) -> dict[str, Any]:
     examples = build_examples(ctx, project, spec, vocabulary)
     if not examples:
         return {"status": "skipped", "detail": "no usable corrections (see the excluded ones in status)"}
+    parent = service.current_version(project)
+
+    def progress(**fields: Any) -> None:
+        store.record_finetune(project, **fields)
+
+    return fine_tune(
+        ctx.settings, service.registry, project, parent, service.predictor(parent), examples, vocabulary, progress
+    )
+
+
+def fine_tune(
+    settings: Settings,
+    registry: VersionRegistry,
+    project: int,
+    parent: ModelVersion,
+    served: Predictor,
+    examples: list[Example],
+    vocabulary: PanopticVocabulary,
+    progress: Callable[..., None] = lambda **fields: None,
+) -> dict[str, Any]:
+    """Train a new version of `project` from `parent` (served by `served`) on `examples`, score both on the held-out
+    ones, store it, and serve it or not by `judge`. Returns the job's summary; progress(**fields) hears how far."""
     train, held_out = split_examples(examples)
     scored = held_out or train  # nothing held out: the score is the fit, which still catches a broken run
-
-    parent = service.current_version(project)
-    served = service.predictor(parent)
     model = trainable_copy(served.model)
     texts = Vocabulary.build(vocabulary.labels, vocabulary.stuff, vocabulary.synonyms)
     class_embeddings = served.class_embeddings(list(texts.texts))
-    tuner = FineTuner(model, text_to_label=torch.tensor(texts.text_to_label))
+    config = FineTuneConfig(learning_rate=settings.finetune_learning_rate, seed=project)
+    tuner = FineTuner(model, config, text_to_label=torch.tensor(texts.text_to_label))
+    augment = Augmentation() if settings.finetune_augment else None
     steps = min(settings.finetune_max_steps, max(settings.finetune_min_steps, settings.finetune_epochs * len(train)))
     order = random.Random(project)
     losses: list[float] = []
     for step in range(steps):
         image, target = model_input(train[order.randrange(len(train))], served)
+        if augment is not None:
+            image, target = augment(image, target, tuner.generator)
         losses.append(tuner.step([image], [target], class_embeddings)["loss"])
         if (step + 1) % max(1, steps // LOGGED_UPDATES) == 0 or step + 1 == steps:
             recent = float(np.mean(losses[-10:]))
-            store.record_finetune(project, progress=f"{step + 1}/{steps}", loss=f"{recent:.4f}")
+            progress(progress=f"{step + 1}/{steps}", loss=f"{recent:.4f}")
             logger.info("project %s fine-tune step %d/%d, loss %.4f", project, step + 1, steps, recent)
 
-    store.record_finetune(project, progress="evaluating")
+    progress(progress="evaluating")
     before = evaluate(served, scored, vocabulary)
     after = evaluate(predictor_like(served, model), scored, vocabulary)
-    metrics = {"parent_miou": before, "miou": after, "held_out": len(held_out), "train": len(train), "steps": steps}
-    version = service.registry.create(project, tuner.trained_state(), parent.name, len(examples), metrics)
-    gain = after - before
-    detail = decide_serving(service.registry, version, parent, gain, bool(held_out), settings.finetune_min_gain)
+    refusal = judge(before, after, settings.finetune_min_gain, settings.finetune_max_class_drop)
+    scored_on = "held-out" if held_out else "training"
+    gate = {"scored_on": scored_on, "candidate": after, "parent": before, "refusal": refusal}
+    metrics = {
+        "parent_miou": before["miou"],
+        "miou": after["miou"],
+        "held_out": len(held_out),
+        "train": len(train),
+        "steps": steps,
+        "gate": gate,
+    }
+    version = registry.create(project, tuner.trained_state(), parent.name, len(examples), metrics)
+    detail = decide_serving(registry, version, parent, refusal, bool(held_out))
+    gate["decision"] = detail or f"served: {passed(before, after)}"
+    registry.record_metrics(version)
     return {
         "status": version.status,
         "detail": detail,
         "version": version.name,
         "parent": parent.name,
-        "miou": round(after, 4),
-        "parent_miou": round(before, 4),
+        "miou": after["miou"],
+        "parent_miou": before["miou"],
+        "pq": after["pq"],
+        "parent_pq": before["pq"],
+        "gate": json.dumps(gate),  # a string: the summary is also kept in a Redis hash for `status`
         "examples": len(examples),
         "held_out": len(held_out),
         "steps": steps,
     }
 
 
+def judge(before: dict[str, Any], after: dict[str, Any], min_gain: float, max_class_drop: float) -> str | None:
+    """Why the candidate scored `after` may not replace the version scored `before` (`evaluate`'s summaries, in IoU
+    points), or None when it may: its mean IoU must gain at least `min_gain` (a fraction: 0.005 = 0.5 points), and no
+    class with held-out pixels may lose more than `max_class_drop` points of IoU."""
+    if after["miou"] is None or before["miou"] is None:
+        return "the held-out corrections have no labelled pixels to score"
+    gain = after["miou"] - before["miou"]
+    if gain < 100.0 * min_gain:
+        return (
+            f"mean IoU {before['miou']:.2f} -> {after['miou']:.2f} ({gain:+.2f} points), under "
+            f"XDECODER_FINETUNE_MIN_GAIN ({min_gain}, i.e. {100.0 * min_gain:+.2f} points)"
+        )
+    drops = {
+        label: (iou, after["per_class_iou"].get(label, 0.0))
+        for label, iou in before["per_class_iou"].items()
+        if iou - after["per_class_iou"].get(label, 0.0) > max_class_drop
+    }
+    if drops:
+        lost = ", ".join(f"{label} {old:.2f} -> {new:.2f}" for label, (old, new) in drops.items())
+        return (
+            f"mean IoU {before['miou']:.2f} -> {after['miou']:.2f}, but {lost} lose more than "
+            f"XDECODER_FINETUNE_MAX_CLASS_DROP ({max_class_drop} points)"
+        )
+    return None
+
+
+def passed(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The figures of a candidate that passed `judge`, for the record."""
+    worst = min(after["per_class_iou"][label] - iou for label, iou in before["per_class_iou"].items())
+    return (
+        f"mean IoU {before['miou']:.2f} -> {after['miou']:.2f}, no class lost more than {max(-worst, 0.0):.2f} points"
+    )
+
+
 def decide_serving(
-    registry: VersionRegistry, version: ModelVersion, parent: ModelVersion, gain: float, held_out: bool, min_gain: float
+    registry: VersionRegistry, version: ModelVersion, parent: ModelVersion, refusal: str | None, held_out: bool
 ) -> str:
     """Serve, reject or keep as a candidate the new `version` (its status says which); returns why it is not served,
-    "" if it is. `gain`: its mean IoU minus its parent's, on held-out examples or, if `held_out` is False, on the
-    training ones."""
-    if gain < min_gain:
+    "" if it is. `refusal`: `judge`'s verdict, on held-out examples or, if `held_out` is False, on the training
+    ones."""
+    if refusal is not None:
         registry.reject(version)
         scored_on = "held-out" if held_out else "training"
-        return (
-            f"it gained {gain:+.4f} mean IoU on the {scored_on} corrections, under XDECODER_FINETUNE_MIN_GAIN "
-            f"({min_gain})"
-        )
+        return f"rejected on the {scored_on} corrections: {refusal}"
     by_hand = f"`xdecoder-ls versions --serve {version.name}` serves it"
     if not held_out:
         return (
@@ -168,16 +240,27 @@ def decide_serving(
 def build_examples(ctx, project: int, spec: ProjectSpec, vocabulary: PanopticVocabulary) -> list[Example]:
     """Examples from the stored corrections; the reason a correction cannot be used is recorded in the store."""
     store: CorrectionStore = ctx.store
-    examples = []
-    for correction in store.all(project):
-        try:
-            examples += examples_from(correction, spec, vocabulary, ctx.service.fetcher.fetch)
-        except Unusable as error:
-            logger.warning("project %s: annotation %s not used: %s", project, correction.annotation_id, error)
-            store.set_unusable(project, correction.annotation_id, str(error))
-        else:
-            store.set_unusable(project, correction.annotation_id, None)
+    corrections = list(store.all(project))  # a generator
+    examples, unusable = usable_examples(corrections, spec, vocabulary, ctx.service.fetcher.fetch)
+    for correction in corrections:
+        reason = unusable.get(correction.annotation_id)
+        if reason is not None:
+            logger.warning("project %s: annotation %s not used: %s", project, correction.annotation_id, reason)
+        store.set_unusable(project, correction.annotation_id, reason)
     return examples
+
+
+def usable_examples(
+    corrections: list[Correction], spec: ProjectSpec, vocabulary: PanopticVocabulary, fetch
+) -> tuple[list[Example], dict[int, str]]:
+    """(examples of the usable corrections, {annotation id: why it is not usable} of the others)."""
+    examples, unusable = [], {}
+    for correction in corrections:
+        try:
+            examples += examples_from(correction, spec, vocabulary, fetch)
+        except Unusable as error:
+            unusable[correction.annotation_id] = str(error)
+    return examples, unusable
 
 
 def examples_from(correction: Correction, spec: ProjectSpec, vocabulary: PanopticVocabulary, fetch) -> list[Example]:
@@ -204,17 +287,24 @@ def examples_from(correction: Correction, spec: ProjectSpec, vocabulary: Panopti
 def regions_to_target(
     regions: list[dict], image: ImageSpec, vocabulary: PanopticVocabulary, shape: tuple[int, ...]
 ) -> SegmentationTarget:
-    """Label Studio result regions -> one mask per thing region, one merged mask per stuff label.
+    """Label Studio result regions -> one mask per thing region, one merged mask per stuff label, every pixel in at
+    most one of them; and a referring prompt with its mask for each region of a label with a fixed `prompt`.
 
-    Regions of labels outside the panoptic vocabulary (referring-only labels) are left out; a region whose
-    label the config no longer has, or that cannot be drawn (a polygon of two points, a brush mask of another image
-    size: the task's image was replaced), makes the whole correction unusable (its other regions may be wrong too).
+    Annotators draw stuff (grass, sky) as coarse polygons that run under the objects on it, and objects over one
+    another; a pixel drawn by several regions belongs to a thing before a stuff, and to the region drawn later before
+    an earlier one of the same kind (Label Studio shows later regions on top). Without this, the stuff masks would
+    teach the model that the objects' pixels are stuff too, and the panoptic merge, where a confident stuff query
+    wins each pixel it claims, would lose the objects. A thing hidden entirely under later ones is left out.
+
+    Regions of free-text referring labels are left out; a region whose label the config no longer has, or that
+    cannot be drawn (a polygon of two points, a brush mask of another image size: the task's image was replaced),
+    makes the whole correction unusable (its other regions may be wrong too).
     """
     height, width = shape[:2]
     controls = {control.name: control for control in image.controls}
-    masks: list[np.ndarray] = []
-    classes: list[int] = []
-    stuff_mask_index: dict[int, int] = {}
+    drawn: list[tuple[int, np.ndarray]] = []  # (label index, mask) of the panoptic regions, in drawing order
+    prompts: list[str] = []
+    prompt_masks: list[np.ndarray] = []
     for region in regions:
         kind = region.get("type")
         control = controls.get(region.get("from_name"))
@@ -222,9 +312,10 @@ def regions_to_target(
             continue
         value = region.get("value") or {}
         for name in value.get(kind) or []:
-            if control.label(name) is None:
+            label = control.label(name)
+            if label is None:
                 raise Unusable(f"label config changed: '{name}' is no longer a label of '{control.name}'")
-            if name not in vocabulary.labels:
+            if name not in vocabulary.labels and label.prompt is None:
                 continue
             try:
                 if kind == "polygonlabels":
@@ -235,17 +326,38 @@ def regions_to_target(
                 raise Unusable(f"a '{name}' region cannot be drawn on the {width}x{height} image: {error}") from error
             if not mask.any():
                 continue
-            index = vocabulary.labels.index(name)
-            if name in vocabulary.stuff and index in stuff_mask_index:
-                masks[stuff_mask_index[index]] |= mask
-                continue
-            if name in vocabulary.stuff:
-                stuff_mask_index[index] = len(masks)
-            masks.append(mask)
-            classes.append(index)
-    if not masks:
+            if name in vocabulary.labels:
+                drawn.append((vocabulary.labels.index(name), mask))
+            if label.prompt is not None:
+                prompts.append(label.prompt)
+                prompt_masks.append(mask)
+    if not drawn:
         raise Unusable("no region carries a label of the panoptic vocabulary")
-    return SegmentationTarget(torch.tensor(classes), torch.from_numpy(np.stack(masks)))
+    # Paint stuff first, then things, each kind in drawing order: the last painter of a pixel owns it.
+    is_stuff = [vocabulary.labels[index] in vocabulary.stuff for index, _ in drawn]
+    owner = np.full((height, width), -1, np.int64)
+    for region in sorted(range(len(drawn)), key=lambda r: not is_stuff[r]):  # stable: drawing order within a kind
+        owner[drawn[region][1]] = region
+    masks: list[np.ndarray] = []
+    classes: list[int] = []
+    stuff_mask_index: dict[int, int] = {}
+    for region, (index, _) in enumerate(drawn):
+        mask = owner == region
+        if not mask.any():
+            continue
+        if is_stuff[region] and index in stuff_mask_index:
+            masks[stuff_mask_index[index]] |= mask
+            continue
+        if is_stuff[region]:
+            stuff_mask_index[index] = len(masks)
+        masks.append(mask)
+        classes.append(index)
+    return SegmentationTarget(
+        torch.tensor(classes),
+        torch.from_numpy(np.stack(masks)),
+        prompts,
+        torch.from_numpy(np.stack(prompt_masks)) if prompts else None,
+    )
 
 
 def split_examples(examples: list[Example]) -> tuple[list[Example], list[Example]]:
@@ -268,9 +380,15 @@ def model_input(example: Example, predictor: Predictor) -> tuple[torch.Tensor, S
     """Image [3, h, w] uint8 and masks [T, h, w] bool at the size the predictor feeds the model."""
     image = predictor.resize_policy.resize(example.image)
     height, width = image.shape[:2]
-    masks = example.target.masks[:, None].float()
-    masks = torch.nn.functional.interpolate(masks, size=(height, width), mode="nearest")[:, 0] > 0.5
-    return torch.from_numpy(image.copy()).permute(2, 0, 1), SegmentationTarget(example.target.labels, masks)
+    target = example.target
+
+    def resized(masks: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
+
+    prompt_masks = None if target.prompt_masks is None else resized(target.prompt_masks)
+    return torch.from_numpy(image.copy()).permute(2, 0, 1), SegmentationTarget(
+        target.labels, resized(target.masks), target.prompts, prompt_masks
+    )
 
 
 # ------------------------------------------------------------------------------------ models
@@ -291,10 +409,16 @@ def predictor_like(template: Predictor, model: XDecoderModel) -> Predictor:
     )
 
 
-def evaluate(predictor: Predictor, examples: list[Example], vocabulary: PanopticVocabulary) -> float:
-    """Mean over examples of `mask_iou_score` (per target mask, the best IoU of a same-label segment)."""
-    scores = []
+def evaluate(predictor: Predictor, examples: list[Example], vocabulary: PanopticVocabulary) -> dict[str, Any]:
+    """`SegmentationScores.summary()` of `predictor` on `examples` (panoptic, and referring where they have
+    prompts: both from one encoding of each image)."""
+    scores = SegmentationScores(vocabulary.labels, vocabulary.stuff)
     for example in examples:
-        result = predictor.panoptic(example.image, vocabulary.labels, vocabulary.stuff, vocabulary.synonyms)
-        scores.append(mask_iou_score(result, example.target, vocabulary.labels))
-    return float(np.mean(scores))
+        target = example.target
+        prediction = predictor.predict(
+            example.image, vocabulary.labels, vocabulary.stuff, list(target.prompts), vocabulary.synonyms
+        )
+        scores.add_panoptic(prediction.panoptic, target.labels, target.masks)
+        if target.prompts:
+            scores.add_referring(prediction.referring.masks, target.prompt_masks)
+    return scores.summary()

@@ -107,6 +107,17 @@ class Settings(BaseSettings):
         le=1.0,
         description="held-out mean IoU a fine-tuned version must gain over the served one to be served",
     )
+    finetune_max_class_drop: float = env(
+        "XDECODER_FINETUNE_MAX_CLASS_DROP",
+        5.0,
+        ge=0.0,
+        le=100.0,
+        description="IoU points any class with held-out pixels may lose in a fine-tuned version that is served",
+    )
+    finetune_learning_rate: float = env("XDECODER_FINETUNE_LR", 1e-4, gt=0, description="AdamW's, after warmup")
+    finetune_augment: bool = env(
+        "XDECODER_FINETUNE_AUGMENT", True, description="scale jitter, crop and flip of the corrections while training"
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -83,8 +83,10 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
     }
 
 
-def _last_finetune(redis: Redis, project: int, meta: dict[str, str]) -> dict[str, str]:
-    last = {k[len("finetune_") :]: v for k, v in meta.items() if k.startswith("finetune_")}
+def _last_finetune(redis: Redis, project: int, meta: dict[str, str]) -> dict[str, Any]:
+    last: dict[str, Any] = {k[len("finetune_") :]: v for k, v in meta.items() if k.startswith("finetune_")}
+    if "gate" in last:  # backend.finetune.fine_tune's figures, kept as JSON
+        last["gate"] = json.loads(last["gate"])
     if last.get("status") == "running":
         job = finetune_job_status(redis, project)
         if job in LIVE_JOB_STATES - {JobStatus.STARTED}:
@@ -92,6 +94,26 @@ def _last_finetune(redis: Redis, project: int, meta: dict[str, str]) -> dict[str
         elif job != JobStatus.STARTED:
             last["status"] = "interrupted"  # its worker died and RQ has no try of it left
     return last
+
+
+def render_gate(gate: dict[str, Any]) -> str:
+    """One line of a fine-tune's gate: the decision, then per class and overall the served -> candidate figures."""
+    before, after = gate["parent"], gate["candidate"]
+    classes = ", ".join(
+        f"{label} {iou:.1f}->{after['per_class_iou'].get(label, 0.0):.1f}"
+        for label, iou in before["per_class_iou"].items()
+    )
+    overall = ", ".join(
+        f"{name} {before[key]}->{after[key]}"
+        for name, key in (
+            ("PQ", "pq"),
+            ("PQ things", "pq_things"),
+            ("PQ stuff", "pq_stuff"),
+            ("cIoU", "referring_ciou"),
+        )
+        if before.get(key) is not None or after.get(key) is not None
+    )
+    return f"{gate['decision']}; on the {gate['scored_on']} corrections, IoU {classes}; {overall}"
 
 
 def render(status: dict[str, Any], console: Console) -> None:
@@ -120,6 +142,8 @@ def render(status: dict[str, Any], console: Console) -> None:
     for project, info in status["projects"].items():
         if info["last_finetune"].get("detail"):
             console.print(f"  project {project}: last fine-tune not served: {info['last_finetune']['detail']}")
+        if gate := info["last_finetune"].get("gate"):
+            console.print(f"  project {project}: last fine-tune's gate: {render_gate(gate)}", highlight=False)
         for annotation, reason in list(info["excluded"].items())[:10]:
             console.print(f"  project {project}: annotation {annotation} kept out of training: {reason}")
     render_runs(status["preannotate_runs"], console)

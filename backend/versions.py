@@ -216,6 +216,12 @@ class VersionRegistry:
     def reject(self, version: ModelVersion) -> None:
         self._set_status(version, "rejected")
 
+    def record_metrics(self, version: ModelVersion) -> None:
+        """Store `version.metrics` as they are now (the gate's decision is known only after `create`)."""
+        stored = self.get(version.name)
+        stored.metrics = version.metrics
+        _replace_atomically(self.root / "versions" / version.name / INFO_FILE, json.dumps(asdict(stored), indent=1))
+
     @contextmanager
     def _project_lock(self, project: int) -> Iterator[None]:
         """Exclusive across processes (the server and the workers share MODEL_DIR), held while deciding and changing

@@ -3,22 +3,40 @@ Label Studio -> a new version, served only if it does better; unusable correctio
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 from rq import Queue
+from safetensors.torch import load_file
 
 from backend import jobs
 from backend.corrections import Correction
-from backend.finetune import MIN_HELD_OUT, Example, Unusable, examples_from, regions_to_target, split_examples
+from backend.finetune import (
+    MIN_HELD_OUT,
+    Example,
+    Unusable,
+    examples_from,
+    fine_tune,
+    judge,
+    regions_to_target,
+    split_examples,
+    usable_examples,
+)
 from backend.label_config import PanopticVocabulary, ProjectSpec
 from backend.learning import request_finetune
 from backend.queues import TRAIN
 from backend.status import collect
+from backend.versions import VersionRegistry
 from backend.worker import ModelWorker
+from tests.helpers import backend_settings
 from tests.standin_ls import png
+from xdecoder import Predictor, load_model
+from xdecoder.checkpoint import with_replaced_weights
 from xdecoder.training import FineTuner, SegmentationTarget
 
 PROJECT = 5
@@ -95,7 +113,7 @@ def test_a_fine_tune_that_does_better_is_stored_and_served(worker_context, label
     assert summary["examples"] == 6 and summary["held_out"] == 3 and summary["steps"] == 3
     assert summary["changes"] == 9 and worker_context.store.changed_count(PROJECT) == 0  # the next N start anew
     assert summary["parent"] == base.name and summary["reason"] == "start_training"
-    assert 0.0 <= summary["miou"] <= 1.0 and 0.0 <= summary["parent_miou"] <= 1.0
+    assert 0.0 <= summary["miou"] <= 100.0 and 0.0 <= summary["parent_miou"] <= 100.0  # IoU points
     registry = worker_context.service.registry
     served = worker_context.service.current_version(PROJECT)
     assert served.name == summary["version"] != base.name
@@ -132,13 +150,13 @@ def test_results_made_smaller_than_the_images_score_like_full_size_ones(worker_c
     jobs.set_context(jobs.WorkerContext(quarter, redis))
     capped = jobs.finetune(PROJECT, "start_training")
     assert capped["status"] in ("served", "rejected") and capped["held_out"] == full["held_out"] == 3
-    assert capped["parent_miou"] == pytest.approx(served_score, abs=0.05)
+    assert capped["parent_miou"] == pytest.approx(served_score, abs=5.0)
 
 
 def test_a_fine_tune_that_does_not_gain_enough_is_kept_but_not_served(worker_context, label_studio):
     for annotation_id in range(1, 4):
         store_correction(worker_context, label_studio, annotation_id, scene_regions())
-    set_min_gain(worker_context, 1.0)  # no fine-tune can gain a whole IoU point
+    set_min_gain(worker_context, 1.0)  # no fine-tune can gain 100 IoU points
 
     summary = jobs.finetune(PROJECT, "nightly")
 
@@ -205,9 +223,10 @@ START_TRAINING = {"action": "START_TRAINING", "project": {"id": PROJECT, "label_
 
 
 def correction_event(label_studio, annotation_id: int) -> dict:
-    """An ANNOTATION_CREATED webhook for a new scene image, as Label Studio sends it."""
+    """An ANNOTATION_CREATED webhook for a new scene image, as Label Studio sends it (after storing it)."""
     image = label_studio.upload(f"scene-{annotation_id}.png", png(seed=annotation_id), project=PROJECT)
-    return {
+    label_studio.add_project(PROJECT, CONFIG)
+    return label_studio.saved({
         "action": "ANNOTATION_CREATED",
         "project": {"id": PROJECT, "label_config": CONFIG},
         "annotation": {
@@ -215,7 +234,7 @@ def correction_event(label_studio, annotation_id: int) -> dict:
             "updated_at": "2026-11-23T09:00:00Z",
         },
         "task": {"id": 100 + annotation_id, "data": {"image": image}},
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def run_train_jobs(context, max_jobs: int | None = None) -> None:
@@ -411,7 +430,7 @@ def test_regions_become_one_mask_per_thing_and_one_per_stuff_label():
             "type": "brushlabels",
             "value": {"format": "rle", "rle": mask2rle(brush_box), "brushlabels": ["Box"]},
         },  # fmt: skip
-        polygon("Thing I describe", [[60, 60], [90, 60], [90, 90]]),  # referring-only: not a panoptic target
+        polygon("Thing I describe", [[60, 60], [90, 60], [90, 90]]),  # a fixed prompt: referring, not panoptic
         {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["x"]}},
     ]
     target = regions_to_target(regions, image, vocabulary, (10, 20, 3))
@@ -420,11 +439,34 @@ def test_regions_become_one_mask_per_thing_and_one_per_stuff_label():
     assert masks[0].sum() == 100 and masks[0][:5].all()  # both Sky halves, the top 5 rows
     assert masks[1][5:, :10].all() and masks[1].sum() == 50
     assert np.array_equal(masks[2], brush_box > 0)
+    assert target.prompts == ["the red box"] and target.prompt_masks.shape == (1, 10, 20)
+    assert target.prompt_masks[0, 8, 17] and not target.prompt_masks[0, 1, 1]
 
     with pytest.raises(Unusable, match="'Tree' is no longer a label"):
         regions_to_target([polygon("Tree", [[0, 0], [10, 0], [10, 10]])], image, vocabulary, (10, 20, 3))
     with pytest.raises(Unusable, match="no region carries"):
         regions_to_target(regions[4:], image, vocabulary, (10, 20, 3))
+
+
+def test_pixels_drawn_by_several_regions_go_to_things_before_stuff_and_to_later_regions():
+    """Annotators draw stuff as coarse polygons under the objects, and objects over one another."""
+    image = ProjectSpec.parse(CONFIG).images[0]
+    vocabulary = PanopticVocabulary.of(image.controls)
+    regions = [
+        polygon("Box", [[0, 0], [50, 0], [50, 100], [0, 100]]),  # left half, drawn first
+        polygon("Sky", [[0, 0], [100, 0], [100, 100], [0, 100]]),  # the whole image, drawn after the box
+        polygon("Box", [[30, 0], [70, 0], [70, 100], [30, 100]]),  # over the first box's right part
+        polygon("Box", [[40, 0], [60, 0], [60, 100], [40, 100]]),  # entirely under the next one
+        polygon("Box", [[35, 0], [65, 0], [65, 100], [35, 100]]),
+    ]
+    target = regions_to_target(regions, image, vocabulary, (10, 20, 3))
+    assert target.labels.tolist() == [2, 0, 2, 2]  # in drawing order; the hidden box is left out
+    masks = target.masks.numpy()
+    assert masks.sum(axis=0).max() == 1 and masks.sum(axis=0).min() == 1  # every pixel in exactly one mask
+    assert masks[0][:, :6].all() and masks[0].sum() == 60  # the first box, less the third one
+    assert masks[1][:, 14:].all() and masks[1].sum() == 60  # sky: only where no box was drawn
+    assert masks[2][:, [6, 13]].all() and masks[2].sum() == 20  # the third box, less the last one
+    assert masks[3][:, 7:13].all() and masks[3].sum() == 60
 
 
 def test_a_16_bit_image_is_learnt_from_as_predict_sees_it():
@@ -438,3 +480,62 @@ def test_a_16_bit_image_is_learnt_from_as_predict_sees_it():
         correction, ProjectSpec.parse(CONFIG), PanopticVocabulary.of(image.controls), lambda url, task: sixteen_bit
     )
     assert np.array_equal(example.image, np.repeat(levels[..., None], 3, axis=2))  # scaled, not clipped to white
+
+
+def test_the_gate_rejects_a_real_fine_tune_that_loses_a_class(tmp_path, tiny_checkpoint):
+    """Real training, no mocked score: a first fine-tune learns the scenes; a second one, on corrections that call the
+    box ground but for the held-out ones, loses the box and is rejected by the per-class rule although no mean-gain
+    minimum applies."""
+    settings = backend_settings(
+        tiny_checkpoint,
+        tmp_path / "models",
+        "http://localhost:1",
+        XDECODER_SHORT_SIDE=64,
+        XDECODER_FINETUNE_LR=1e-3,
+        XDECODER_FINETUNE_MIN_STEPS=30,
+        XDECODER_FINETUNE_MAX_STEPS=30,
+        XDECODER_FINETUNE_MIN_GAIN=-1.0,
+        XDECODER_FINETUNE_AUGMENT=False,
+    )
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    model = load_model(tiny_checkpoint, device="cpu")
+    spec = ProjectSpec.parse(CONFIG)
+    vocabulary = PanopticVocabulary.of(spec.images[0].controls)
+
+    def examples(label_of_box_in_training: str) -> list[Example]:
+        # Tasks 101 to 116: 112, 114 and 116 are held out.
+        label = {task: "Box" if task in (112, 114, 116) else label_of_box_in_training for task in range(101, 117)}
+        corrections = [
+            Correction(task, task, {"image": f"scene-{task}.png"}, scene_regions(label[task]), None, "", "")
+            for task in range(101, 117)
+        ]
+        found, unusable = usable_examples(
+            corrections, spec, vocabulary, lambda url, task: Image.open(io.BytesIO(png(seed=task)))
+        )
+        assert not unusable
+        return found
+
+    def predictor(version) -> Predictor:
+        weights = {} if version.is_base else load_file(str(registry.weights_path(version)))
+        return Predictor(
+            with_replaced_weights(model, weights), short_side=64, object_mask_threshold=0.0, overlap_threshold=0.0
+        )
+
+    learnt = fine_tune(
+        settings, registry, PROJECT, registry.base, predictor(registry.base), examples("Box"), vocabulary
+    )
+    assert learnt["status"] == "served"
+    served = registry.current(PROJECT)
+    assert json.loads(learnt["gate"])["candidate"]["per_class_iou"]["Box"] > 30  # the box is found
+
+    lost = fine_tune(settings, registry, PROJECT, served, predictor(served), examples("Ground"), vocabulary)
+
+    assert lost["status"] == "rejected" and registry.current(PROJECT).name == served.name
+    gate = registry.get(lost["version"]).metrics["gate"]
+    before, after = gate["parent"]["per_class_iou"], gate["candidate"]["per_class_iou"]
+    assert before["Box"] - after["Box"] > settings.finetune_max_class_drop
+    assert "Box" in lost["detail"] and "XDECODER_FINETUNE_MAX_CLASS_DROP" in lost["detail"]
+    assert gate["decision"] == lost["detail"] and gate["scored_on"] == "held-out"
+    assert {"pq", "pq_things", "pq_stuff", "miou", "referring_ciou"} <= set(gate["candidate"])
+    # The same figures pass when any class may drop: it is the per-class rule that refused it.
+    assert judge(gate["parent"], gate["candidate"], -1.0, 100.0) is None

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from xdecoder import Predictor
+from xdecoder.evaluation import SegmentationScores
 from xdecoder.predictor import PanopticResult, Segment
 from xdecoder.training import (
+    Augmentation,
     FineTuneConfig,
     FineTuner,
     HungarianMatcher,
     SegmentationTarget,
     label_log_probabilities,
     mask_bce_and_dice,
-    mask_iou_score,
     pairwise_dice,
     pairwise_mask_bce,
     trainable_parameters,
@@ -145,25 +146,60 @@ def test_learning_rate_warms_up_then_decays():
     assert [config.learning_rate_factor(s) for s in (0, 1, 3, 9, 10)] == pytest.approx([0.25, 0.5, 1.0, 1.0, 0.1])
 
 
-def test_mask_iou_score_takes_the_best_segment_of_each_target_label():
+def test_scores_give_per_class_iou_panoptic_quality_and_referring_ciou():
     id_map = np.zeros((10, 10), np.int32)
     id_map[:5] = 1  # "sky", exactly the target
     id_map[5:, :5] = 2  # "box", half of the target's box
+    id_map[5:, 5:] = 3  # "box" again, on the target's void pixels: no false positive
     segments = [
         Segment(1, "sky", 0, False, 0.9, 0.9, 50),
         Segment(2, "box", 2, True, 0.9, 0.9, 25),
+        Segment(3, "box", 2, True, 0.9, 0.9, 25),
     ]
     result = PanopticResult(id_map, segments)
     masks = np.zeros((3, 10, 10), bool)
     masks[0, :5] = True  # sky: IoU 1
-    masks[1, 5:] = True  # box: IoU 25 / 50
-    masks[2, 5:] = True  # ground: no such segment, IoU 0
-    target = SegmentationTarget(torch.tensor([0, 2, 1]), torch.from_numpy(masks))
-    assert mask_iou_score(result, target, LABELS) == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    masks[1, 5:, :3] = True  # box: 15 of segment 2's 25 pixels; IoU 15 / 25
+    masks[2, 5:, 3:5] = True  # ground: 10 pixels, all predicted box
+    scores = SegmentationScores(LABELS, stuff={"sky", "ground"})
+    scores.add_panoptic(result, torch.tensor([0, 2, 1]), torch.from_numpy(masks))
+    # Targets of an image twice the size are compared at the result's size: the same sums again.
+    scores.add_panoptic(result, torch.tensor([0, 2, 1]), torch.from_numpy(masks.repeat(2, axis=1).repeat(2, axis=2)))
+    summary = scores.summary()
+    assert summary["per_class_iou"] == {"sky": 100.0, "ground": 0.0, "box": 60.0}
+    assert summary["miou"] == pytest.approx(160 / 3, abs=0.01)
+    # PQ: sky matched (IoU 1); box matched at 0.6; ground missed (FN); segment 3 lies on void: not counted.
+    assert summary["per_class_pq"] == {"sky": 100.0, "ground": 0.0, "box": 60.0}
+    assert summary["pq_things"] == 60.0 and summary["pq_stuff"] == 50.0 and summary["pq"] == pytest.approx(53.33)
+    assert summary["referring_ciou"] is None
+    scores.add_referring(masks[1:2], torch.from_numpy(masks[1:3].any(axis=0, keepdims=True)))
+    assert scores.summary()["referring_ciou"] == pytest.approx(100 * 15 / 25)
     with pytest.raises(ValueError, match="differ in size"):
-        mask_iou_score(result, SegmentationTarget(torch.tensor([0]), torch.zeros(1, 4, 4, dtype=torch.bool)), LABELS)
+        scores.add_panoptic(result, torch.tensor([0]), torch.zeros(1, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="differ in size"):  # smaller, but not of the targets' shape
-        mask_iou_score(result, SegmentationTarget(torch.tensor([0]), torch.zeros(1, 20, 40, dtype=torch.bool)), LABELS)
-    # Targets of an image twice the size: compared at the result's size, the same scores.
-    large = SegmentationTarget(target.labels, torch.from_numpy(masks.repeat(2, axis=1).repeat(2, axis=2)))
-    assert mask_iou_score(result, large, LABELS) == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+        scores.add_panoptic(result, torch.tensor([0]), torch.zeros(1, 20, 40, dtype=torch.bool))
+
+
+def test_augmentation_moves_image_and_masks_alike_and_never_flips_a_sided_prompt():
+    image, target = scene(64, 96)
+    # Paint each target's pixels in its own colour, so that the augmented image says where the masks must be.
+    coloured = torch.zeros_like(image)
+    for index, mask in enumerate(target.masks):
+        coloured[:, mask] = torch.tensor([80 * (index + 1), 0, 0], dtype=torch.uint8)[:, None]
+    with_prompts = SegmentationTarget(target.labels, target.masks, ["the box on the left"], target.masks[2:])
+    augment = Augmentation(scale_range=(1.0, 1.5), flip_probability=1.0)
+    generator = torch.Generator().manual_seed(0)
+    for prompted in (False, True):
+        for _ in range(5):
+            out_image, out_target = augment(coloured, with_prompts if prompted else target, generator)
+            assert out_image.shape[-2:] == out_target.masks.shape[-2:] and out_image.shape[-2:] == (64, 96)
+            for index, label in enumerate(out_target.labels.tolist()):
+                inside = out_image[0][out_target.masks[index]].float()
+                # Nearest masks and a bilinear image disagree only along the borders.
+                assert (inside - 80 * (label + 1)).abs().le(2).float().mean() > 0.85
+            box = out_target.masks[out_target.labels.tolist().index(2)]
+            box_columns = box.any(dim=0).nonzero()[:, 0].float().mean()
+            # The box is left of centre in the scene: mirrored, it is right of it, unless a prompt names a side.
+            assert (box_columns < 48) == prompted
+            if prompted:
+                assert out_target.prompts == ["the box on the left"] and torch.equal(out_target.prompt_masks[0], box)

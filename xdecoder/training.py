@@ -11,8 +11,8 @@ The training objective is the official one (Mask2Former's set criterion as X-Dec
 `FineTuner` is the cheap recipe for corrections: the backbone and the text encoder stay frozen, the pixel
 decoder and the decoder learn (AdamW, warmup, gradient clipping, bf16 autocast on CUDA).
 `trained_state()` gives only the tensors training changes, so a fine-tuned version is a small delta on
-top of its base checkpoint. `mask_iou_score` compares a panoptic prediction with a target to decide
-whether a fine-tune helped.
+top of its base checkpoint. `Augmentation` jitters a training example (xdecoder.evaluation scores the
+result).
 
 Target masks are at the model input's resolution: an image's masks [T, h, w] cover the image as it went
 into `model.prepare_images` (already resized); the loss pads them bottom/right to the padded batch size
@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .image import nearest_indices
 from .language import LanguageEncoder
 from .model import XDecoderModel
-from .predictor import PanopticResult
 from .text import PromptEmbeddings, grounding_tokens, prompt_embeddings
 from .tokenizer import get_tokenizer
 from .transformer_decoder import DecoderOutput, QueryPredictions
@@ -112,6 +110,13 @@ def uncertain_points(
     chosen = candidates.gather(1, most_uncertain[..., None].expand(-1, -1, 2))
     uniform = random_points(len(mask_logits), num_points - num_uncertain, mask_logits, generator)
     return torch.cat((chosen, uniform), dim=1)
+
+
+def sampled_points(num_points: int, mask_logits: Tensor) -> int:
+    """Points to sample on mask logits [..., h, w]: `num_points`, at most 4 per logit cell. The official 12544
+    points are meant for inputs of about 1024 pixels a side; on a small input more than a few points per stride-4
+    cell resample the same bilinear values and only cost time (a 96-pixel image has 576 cells)."""
+    return min(num_points, 4 * mask_logits.shape[-2] * mask_logits.shape[-1])
 
 
 def pad_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -191,7 +196,7 @@ class HungarianMatcher:
         picks query n); mask_logits [N, h, w] at stride 4; target_masks [T, H, W] at the padded input
         size (4h, 4w) -> cost [N, T] float32 on the CPU."""
         mask_logits = mask_logits.float()
-        points = random_points(1, self.num_points, mask_logits, generator)
+        points = random_points(1, sampled_points(self.num_points, mask_logits), mask_logits, generator)
         predicted = point_sample(mask_logits, points.expand(len(mask_logits), -1, -1))
         wanted = point_sample(target_masks.float(), points.expand(len(target_masks), -1, -1))
         cost = (
@@ -371,12 +376,64 @@ class SegmentationLoss:
             zero = mask_logits.sum() * 0.0  # keeps the graph (and the gradients' zeros) alike in every case
             return zero, zero
         config = self.config
+        num_points = sampled_points(config.num_points, mask_logits)
         points = uncertain_points(
-            mask_logits.detach(), config.num_points, config.oversample_ratio, config.importance_sample_ratio, generator
+            mask_logits.detach(), num_points, config.oversample_ratio, config.importance_sample_ratio, generator
         )
         wanted = point_sample(target_masks, points)
         bce, dice = mask_bce_and_dice(point_sample(mask_logits, points), wanted)
         return bce.sum() / normaliser, dice.sum() / normaliser
+
+
+# --------------------------------------------------------------------------------------- augmentation
+# A prompt that names a side means the other object once the image is mirrored.
+SIDED_PROMPT = re.compile(r"\b(left|right)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Light augmentation of a training example, the same geometry for the image and every mask: a random scale
+    in `scale_range` (image bilinear, masks nearest), a random crop back to the input size when scaled up, and a
+    horizontal flip with probability `flip_probability` unless a referring prompt names a side (left/right)."""
+
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    flip_probability: float = 0.5
+
+    def __call__(
+        self, image: Tensor, target: SegmentationTarget, generator: torch.Generator
+    ) -> tuple[Tensor, SegmentationTarget]:
+        """image [3, h, w] uint8, target masks [T, h, w] -> the augmented pair, [3, h', w'] and [T', h', w'] (h', w'
+        at most h, w). Targets (and prompts) that the crop leaves empty are dropped; if none is left, the pair is
+        returned unchanged."""
+        height, width = image.shape[-2:]
+        low, high = self.scale_range
+        scale = low + (high - low) * float(torch.rand((), generator=generator))
+        size = (max(8, round(height * scale)), max(8, round(width * scale)))
+        top = int(torch.randint(0, max(size[0] - height, 0) + 1, (), generator=generator))
+        left = int(torch.randint(0, max(size[1] - width, 0) + 1, (), generator=generator))
+        flip = float(torch.rand((), generator=generator)) < self.flip_probability and not any(
+            SIDED_PROMPT.search(prompt) for prompt in target.prompts
+        )
+
+        def transform(maps: Tensor, mode: str) -> Tensor:  # [N, h, w] -> [N, h', w']
+            resized = F.interpolate(
+                maps[None].float(), size=size, mode=mode, **({"antialias": True} if mode == "bilinear" else {})
+            )[0]
+            cropped = resized[:, top : top + height, left : left + width]
+            return cropped.flip(-1) if flip else cropped
+
+        masks = transform(target.masks, "nearest") > 0.5
+        kept = masks.flatten(1).any(dim=1)
+        if not bool(kept.any()):
+            return image, target
+        prompts, prompt_masks = list(target.prompts), None
+        if target.prompt_masks is not None:
+            prompt_masks = transform(target.prompt_masks, "nearest") > 0.5
+            kept_prompts = prompt_masks.flatten(1).any(dim=1)
+            prompts = [p for p, keep in zip(prompts, kept_prompts.tolist(), strict=True) if keep]
+            prompt_masks = prompt_masks[kept_prompts] if prompts else None
+        augmented = transform(image, "bilinear").round().clamp(0, 255).to(torch.uint8)
+        return augmented, SegmentationTarget(target.labels[kept], masks[kept], prompts, prompt_masks)
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning
@@ -421,17 +478,23 @@ class FineTuner:
     The tuner owns the model: it turns off `requires_grad` of the frozen parameters (their tensors may
     be shared with a served model: nothing here writes them) and leaves the model in eval mode after
     each step. text_to_label [K]: label index of each class-embedding row but "background", when labels
-    have synonyms (targets then hold label indices); None: one row per label.
+    have synonyms (targets then hold label indices); None: one row per label. parameters: what trains, by
+    state-dict name, in place of `trainable_parameters(model)` (pre-training from scratch trains the backbone too).
     """
 
     def __init__(
-        self, model: XDecoderModel, config: FineTuneConfig | None = None, *, text_to_label: Tensor | None = None
+        self,
+        model: XDecoderModel,
+        config: FineTuneConfig | None = None,
+        *,
+        text_to_label: Tensor | None = None,
+        parameters: dict[str, nn.Parameter] | None = None,
     ):
         self.model = model
         self.config = config or FineTuneConfig()
         self.text_to_label = None if text_to_label is None else text_to_label.to(model.device)
         self.loss = SegmentationLoss(self.config.loss, self.text_to_label)
-        self.parameters = trainable_parameters(model)
+        self.parameters = trainable_parameters(model) if parameters is None else parameters
         for name, param in model.named_parameters():
             param.requires_grad_(name in self.parameters)
         # Biases and norm scales are the 1-D parameters; embeddings are the learnt queries and level
@@ -513,31 +576,3 @@ class FineTuner:
         if self.config.autocast and self.model.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def mask_iou_score(result: PanopticResult, target: SegmentationTarget, labels: Sequence[str]) -> float:
-    """Mean over the target masks of the IoU with the best predicted segment of the same label (0 where
-    no segment has that label). Target masks are compared at the result's size (resized, nearest pixel, when
-    the result was made smaller: `Predictor(max_output_pixels=...)`), which must have their shape;
-    `target.labels` index `labels`, which name the segments' labels."""
-    if len(target.masks) == 0:
-        raise ValueError("a target without masks has no score")
-    masks, (height, width) = target.masks, result.id_map.shape
-    if masks.shape[1:] != (height, width):
-        scales = height / masks.shape[1], width / masks.shape[2]
-        # A smaller result has the targets' shape, but for rounding each side to whole pixels.
-        if max(scales) > 1 or abs(scales[0] - scales[1]) > 1 / height + 1 / width:
-            raise ValueError(f"target masks {tuple(masks.shape[1:])} and prediction {(height, width)} differ in size")
-        rows = torch.from_numpy(nearest_indices(masks.shape[1], height)).to(masks.device)
-        cols = torch.from_numpy(nearest_indices(masks.shape[2], width)).to(masks.device)
-        masks = masks[:, rows[:, None], cols]
-    target_masks = masks.cpu().numpy().astype(bool)
-    segment_masks = {segment.id: result.id_map == segment.id for segment in result.segments}
-    scores = []
-    for mask, label_index in zip(target_masks, target.labels.tolist(), strict=True):
-        same_label = [s.id for s in result.segments if s.label == labels[label_index]]
-        # Segments are never empty, so the union is never 0.
-        ious = [(segment_masks[i] & mask).sum() / (segment_masks[i] | mask).sum() for i in same_label]
-        scores.append(max(ious, default=0.0))
-    return float(np.mean(scores))
