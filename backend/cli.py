@@ -300,9 +300,11 @@ def _versions(settings: Settings, args) -> int:
             "status": v.status,
             "served": v.name in served_names,
             "parent": v.parent,
+    from .learning import served_version_changed
             "created_at": v.created_at,
             "trained_on": v.trained_on,
             "metrics": v.metrics,
+    registry.on_served_change = lambda project, version: served_version_changed(settings, project, version)
         }
         for v in versions
     ]

@@ -2,7 +2,10 @@
 
 Per project (keys under `xdls:project:<id>:`):
     corrections       hash  annotation id -> the annotation's result, its task's data, who and when
-    excluded          hash  annotation id -> why its latest event keeps it out of training (skipped, no task data)
+    excluded          hash  annotation id -> why its latest event keeps it out of training (skipped, no task data,
+                            not confirmed by Label Studio)
+    unchecked         hash  annotation id -> an event Label Studio could not be asked about yet (it was unreachable);
+                            it waits there, out of training, until a recheck asks again (backend.jobs)
     unusable          hash  annotation id -> why the last fine-tune could not learn from it (image gone, ...)
     deleted           set   annotation ids deleted in Label Studio (which never reuses an id): a late event for
                             one of them does not bring it back
@@ -10,9 +13,11 @@ Per project (keys under `xdls:project:<id>:`):
     changed_in_round  set   those the running (or a killed) fine-tune took when it started; see start_training_round
     meta              hash  latest label config, fine-tune bookkeeping
 
-Events may arrive twice or out of order (Label Studio retries, a failed event is retried after the
-others; replays are harmless): the latest `updated_at` wins per annotation, whether it stored the
-annotation or excluded it (skipped, no task data), and the trigger counts distinct annotations, not events.
+Only what Label Studio confirms is stored: backend.jobs checks every annotation event against its API and stores
+Label Studio's own copy of the annotation and its task, never the webhook's. Events may arrive twice or out of order
+(Label Studio retries, a failed event is retried after the others; replays are harmless): the latest `updated_at`
+wins per annotation, whether it stored the annotation or excluded it (skipped, no task data), and the trigger counts
+distinct annotations, not events.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ class CorrectionStore:
             if outcome == "stored":
                 self._write_stored(pipe, project, correction, label_config)
             elif outcome.startswith("excluded:"):
-                self._write_excluded(pipe, project, correction, EXCLUSIONS[outcome])
+                self._write_excluded(pipe, project, annotation_id, EXCLUSIONS[outcome], correction.updated_at)
             return outcome
 
         keys = [self._key(project, name) for name in ("corrections", "excluded", "deleted")]
@@ -143,9 +148,12 @@ class CorrectionStore:
         if label_config:
             pipe.hset(self._key(project, "meta"), mapping={"label_config": label_config})
 
-    def _write_excluded(self, pipe, project: int, correction: Correction, reason: str) -> None:
-        annotation_id = correction.annotation_id
-        record = json.dumps({"reason": reason, "at": time.time(), "updated_at": correction.updated_at})
+    def _write_excluded(
+        self, pipe, project: int, annotation_id: int, reason: str, updated_at: str | None = None
+    ) -> None:
+        """`updated_at` None: the record never makes a later event stale (a refusal, whose claimed time is not
+        Label Studio's)."""
+        record = json.dumps({"reason": reason, "at": time.time(), "updated_at": updated_at})
         pipe.sadd(PROJECTS, project)
         pipe.hdel(self._key(project, "corrections"), annotation_id)
         pipe.hdel(self._key(project, "unusable"), annotation_id)
@@ -153,12 +161,44 @@ class CorrectionStore:
             pipe.srem(self._key(project, counter), annotation_id)
         pipe.hset(self._key(project, "excluded"), annotation_id, record)
 
+    def refuse(self, project: int, annotation_id: int, reason: str) -> None:
+        """Keep an annotation Label Studio did not confirm out of training, with why (listed by `status`)."""
+        with self.redis.pipeline() as pipe:
+            self._write_excluded(pipe, project, annotation_id, reason)
+            pipe.hdel(self._key(project, "unchecked"), annotation_id)
+            pipe.execute()
+
+    def park(self, project: int, annotation_id: int, kind: str, task_id: int | None, reason: str) -> None:
+        """An event for `annotation_id` (`kind` "annotation" or "deletion") that could not be checked with Label Studio
+        yet: it waits, out of training, until `settle` (a later check that could ask). A newer event replaces it."""
+        record = json.dumps({"kind": kind, "task": task_id, "reason": reason, "at": time.time()})
+        with self.redis.pipeline() as pipe:
+            pipe.sadd(PROJECTS, project)
+            pipe.hset(self._key(project, "unchecked"), annotation_id, record)
+            pipe.execute()
+
+    def settle(self, project: int, annotation_id: int) -> None:
+        self.redis.hdel(self._key(project, "unchecked"), annotation_id)
+
+    def unchecked(self, project: int) -> dict[int, dict]:
+        return {int(k): json.loads(v) for k, v in self.redis.hgetall(self._key(project, "unchecked")).items()}
+
+    def unchecked_count(self, project: int) -> int:
+        return int(self.redis.hlen(self._key(project, "unchecked")))
+
+    def known(self, project: int, annotation_id: int) -> bool:
+        """Whether any event for the annotation was kept: stored, excluded or waiting to be checked."""
+        with self.redis.pipeline() as pipe:
+            for name in ("corrections", "excluded", "unchecked"):
+                pipe.hexists(self._key(project, name), annotation_id)
+            return any(pipe.execute())
+
     def delete(self, project: int, annotation_ids: list[int]) -> int:
         if not annotation_ids:
             return 0
         with self.redis.pipeline() as pipe:
             pipe.hdel(self._key(project, "corrections"), *annotation_ids)
-            for name in ("excluded", "unusable"):
+            for name in ("excluded", "unusable", "unchecked"):
                 pipe.hdel(self._key(project, name), *annotation_ids)
             pipe.sadd(self._key(project, "deleted"), *annotation_ids)
             for counter in ("changed", "changed_in_round"):  # a failed round must not give these back

@@ -1,6 +1,8 @@
-"""Label Studio's REST API, through label-studio-sdk: list a project's tasks, write predictions.
+"""Label Studio's REST API, through label-studio-sdk: list a project's tasks, write predictions, read back the
+annotations a webhook names (so that only what Label Studio confirms is trained on), and keep the project's model
+version on the version we serve (docs/label_studio_sync.md).
 
-Used by the pre-annotation command and workers (the /predict path answers Label Studio directly).
+Used by the pre-annotation command and the workers (the /predict path answers Label Studio directly).
 The SDK accepts both kinds of API key (legacy token, or a Personal Access Token it refreshes).
 """
 
@@ -24,11 +26,16 @@ class LabelStudioError(RuntimeError):
     """Label Studio could not be reached or refused a call; the message says what to check."""
 
 
+class NotInLabelStudio(LabelStudioError):
+    """Label Studio answered 404: it has no such project, task or annotation (never had, or it was deleted)."""
+
+
 @dataclass
 class LabelStudioTask:
     id: int
     data: dict[str, Any]
     model_versions: set[str] = field(default_factory=set)  # of the predictions it already has
+    annotated: bool = False  # it has at least one annotation (a skipped one included)
 
     def to_payload(self) -> dict[str, Any]:
         """The shape /predict receives, which ModelService.predict takes."""
@@ -65,7 +72,7 @@ class LabelStudioAPI:
                     "check LABEL_STUDIO_API_KEY"
                 ) from None
             if error.status_code == 404:
-                raise LabelStudioError(f"Label Studio at {self.url} has no {what} (404)") from None
+                raise NotInLabelStudio(f"Label Studio at {self.url} has no {what} (404)") from None
             raise LabelStudioError(
                 f"Label Studio at {self.url} answered {error.status_code} for {what}: {str(error.body)[:200]}"
             ) from error
@@ -97,7 +104,8 @@ class LabelStudioAPI:
                 if wanted is None or task.id in wanted:
                     predictions = getattr(task, "predictions", None) or []
                     versions = {p.model_version for p in predictions if p.model_version}
-                    yield LabelStudioTask(task.id, dict(task.data or {}), versions)
+                    annotated = bool(getattr(task, "annotations", None) or getattr(task, "total_annotations", 0))
+                    yield LabelStudioTask(task.id, dict(task.data or {}), versions, annotated)
             if len(items) < PAGE_SIZE:
                 return
             page += 1
@@ -111,3 +119,56 @@ class LabelStudioAPI:
             self.client.predictions.create(
                 task=task, project=project, result=result, score=score, model_version=model_version
             )
+
+    # ------------------------------------------------------------------------ what webhooks claim
+    def annotation(self, annotation_id: int) -> dict[str, Any]:
+        """The annotation as Label Studio has it now: id, project, task, result, was_cancelled, completed_by,
+        updated_at. NotInLabelStudio if it has none by that id."""
+        with self._call(f"annotation {annotation_id}"):
+            found = self.client.annotations.get(id=annotation_id)
+        return {
+            "id": found.id,
+            "project": found.project,
+            "task": found.task,
+            "result": list(found.result or []),
+            "was_cancelled": bool(found.was_cancelled),
+            "completed_by": found.completed_by,
+            "updated_at": found.updated_at.isoformat() if found.updated_at else "",
+        }
+
+    def task(self, task_id: int) -> dict[str, Any]:
+        """{id, project, data} of a task; NotInLabelStudio if it has none by that id."""
+        with self._call(f"task {task_id}"):
+            found = self.client.tasks.get(id=str(task_id))
+        return {"id": found.id, "project": getattr(found, "project", None), "data": dict(found.data or {})}
+
+    # ------------------------------------------------------------------------ the project's model version
+    def show_model_version(self, project: int, version: str, ours: set[str], settings: Settings) -> list[str]:
+        """Make `version` the model version Label Studio shows and sorts by for `project`: our ML backends (those
+        whose model version, from our /setup, is one of `ours`) take it as their title, and the project's model
+        version follows. Label Studio averages the Prediction score column over the predictions of the project's
+        model version only, and asks a connected backend for predictions only while that model version is the
+        backend's title: so both must be `version`. Returns what was changed (empty: nothing to change)."""
+        changed = []
+        with self._call(f"the ML backends of project {project}"):
+            backends = self.client.ml.list(project=project)
+        for backend in backends:
+            if backend.model_version not in ours or backend.title == version:
+                continue
+            auth = {}
+            if backend.auth_method == "BASIC_AUTH" and settings.basic_auth_enabled:
+                auth = {
+                    "auth_method": "BASIC_AUTH",
+                    "basic_auth_user": settings.basic_auth_user,
+                    "basic_auth_pass": settings.basic_auth_pass.get_secret_value(),
+                }
+            # Label Studio checks the backend again on every change, which needs its URL (and credentials).
+            with self._call(f"ML backend {backend.id} of project {project}"):
+                self.client.ml.update(id=backend.id, url=backend.url, title=version, **auth)
+            changed.append(f"ML backend {backend.id} title {backend.title!r} -> {version!r}")
+        with self._call(f"project {project}"):
+            current = self.client.projects.get(id=project).model_version
+            if current != version:
+                self.client.projects.update(id=project, model_version=version)
+                changed.append(f"project model version {current!r} -> {version!r}")
+        return changed

@@ -112,3 +112,56 @@ def release_claim(redis: Redis, settings: Settings, project: int, job_id: str | 
         return new_job
     # After a failure, N corrections waiting would only queue the same failure again: the next event decides.
     return maybe_request_finetune(redis, settings, project) if succeeded else None
+
+
+# ------------------------------------------------------------------- Label Studio follows what we serve
+LABEL_STUDIO_SYNC = "label_studio_sync"  # meta field: the version Label Studio was last set to show
+SYNC_AFTER_SETUP_S = 5  # Label Studio sets the project's model version to the backend's title after /setup answers
+SYNC_CLAIM_S = 120  # a /setup within this long of the last one it queued a sync for queues none
+
+
+def _sync_job(redis: Redis, project: int, repredict: bool, delay_s: float = 0):
+    from datetime import timedelta
+
+    from .queues import EVENTS, POLICIES, queue
+
+    policy = POLICIES[EVENTS]
+    options = {"job_timeout": policy.job_timeout, "retry": policy.retry, "failure_ttl": policy.failure_ttl}
+    events = queue(redis, EVENTS)
+    if delay_s:
+        return events.enqueue_in(timedelta(seconds=delay_s), "backend.jobs.sync_label_studio", project, repredict,
+                                 **options)  # fmt: skip
+    return events.enqueue("backend.jobs.sync_label_studio", project, repredict, **options)
+
+
+def served_version_changed(settings: Settings, project: int, version: str, redis: Redis | None = None) -> None:
+    """Called (by VersionRegistry) when `project` serves `version` from now on, by a promotion or a rollback: Label
+    Studio is told to show that version, and the project's unannotated tasks are predicted again with it
+    (XDECODER_REPREDICT_AFTER_PROMOTION), by a job of the events queue that retries while Label Studio is
+    unreachable. `redis` None: connect to the settings' one. Never raises: the change of version stands whatever
+    happens here (the next /setup asks again)."""
+    if not settings.label_studio_url or settings.label_studio_api_key is None:
+        logger.warning("project %s now serves %s; Label Studio is not configured, so it was not told", project, version)
+        return
+    try:
+        from .queues import connect
+
+        job = _sync_job(redis or connect(settings), project, settings.repredict_after_promotion)
+    except Exception:
+        logger.exception("project %s now serves %s, but telling Label Studio could not be queued", project, version)
+        return
+    logger.info("project %s now serves %s; Label Studio sync queued (job %s)", project, version, job.id)
+
+
+def request_label_studio_sync(redis: Redis, settings: Settings, project: int, version: str) -> bool:
+    """From /setup: queue a sync (shortly after, see SYNC_AFTER_SETUP_S) unless Label Studio already shows `version`
+    for the project or one was queued recently. Returns whether one was queued."""
+    if not settings.label_studio_url or settings.label_studio_api_key is None:
+        return False
+    synced = redis.hget(meta_key(project), LABEL_STUDIO_SYNC)
+    if synced is not None and synced.decode() == version:
+        return False
+    if not redis.set(f"{PREFIX}:project:{project}:sync_claim", version, nx=True, ex=SYNC_CLAIM_S):
+        return False
+    _sync_job(redis, project, repredict=False, delay_s=SYNC_AFTER_SETUP_S)
+    return True

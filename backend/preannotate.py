@@ -46,12 +46,17 @@ class PreannotateRun:
     job_ids: list[str]
 
 
-def select_tasks(tasks: Sequence[LabelStudioTask], version: str, which: str) -> tuple[list[LabelStudioTask], int]:
+def select_tasks(
+    tasks: Sequence[LabelStudioTask], version: str, which: str, unannotated_only: bool = False
+) -> tuple[list[LabelStudioTask], int]:
     """(tasks to predict, how many were skipped). `which`: "all" (every task without a prediction of
-    the current version) or "missing" (only tasks without any prediction)."""
+    the current version) or "missing" (only tasks without any prediction); `unannotated_only`: leave out the tasks
+    with annotations (the re-prediction after a promotion)."""
     chosen = []
     for task in tasks:
         real = {v for v in task.model_versions if not v.endswith(PLACEHOLDER_SUFFIXES)}
+        if unannotated_only and task.annotated:
+            continue
         if version not in real and (which != "missing" or not real):
             chosen.append(task)
     return chosen, len(tasks) - len(chosen)
@@ -81,6 +86,7 @@ def start(
     prompts: Sequence[str] = (),
     api: LabelStudioAPI | None = None,
     chunk_size: int = CHUNK_SIZE,
+    unannotated_only: bool = False,
 ) -> PreannotateRun:
     api = api or LabelStudioAPI(settings)
     label_config = api.label_config(project)
@@ -93,7 +99,7 @@ def start(
     listed = list(api.tasks(project, task_ids))
     if task_ids is not None and (absent := sorted(set(task_ids) - {task.id for task in listed})):
         raise LookupError(f"project {project} has no tasks {', '.join(map(str, absent))}; nothing was queued")
-    tasks, skipped = select_tasks(listed, version, which)
+    tasks, skipped = select_tasks(listed, version, which, unannotated_only)
     run = PreannotateRun(f"run-p{project}-{uuid.uuid4().hex[:8]}", project, version, len(tasks) + skipped, [])
     progress = RunProgress(redis, run.run_id)
     progress.start(run.total, project, version, skipped_when_listed=skipped)

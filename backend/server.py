@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import metrics
 from .inference import ModelService
 from .label_config import LabelConfigError, ProjectSpec
+from .learning import request_label_studio_sync
 from .preannotate import QueuedTasks, enqueue_chunks
 from .queues import connect, embedded_redis
 from .schemas import PredictRequest, SetupRequest, TrainRequest
@@ -147,8 +148,17 @@ def create_app(
     @app.post("/setup", dependencies=[Depends(require_auth)])
     async def setup(payload: SetupRequest, request: Request) -> dict:
         ProjectSpec.parse(payload.schema_)  # refuse unusable configs when the project connects
-        version = request.app.state.service.current_version(project_id(payload.project))
+        project = project_id(payload.project)
+        version = request.app.state.service.current_version(project)
+        if project is not None:  # Label Studio is told to show this version (docs/label_studio_sync.md)
+            await run_in_threadpool(sync_label_studio_soon, request.app.state.redis, project, version.name)
         return {"model_version": version.name}
+
+    def sync_label_studio_soon(redis: Redis, project: int, version: str) -> None:
+        try:
+            request_label_studio_sync(redis, settings, project, version)
+        except RedisError as error:  # /setup still answers: the next one asks again
+            logger.warning("project %s: cannot queue the Label Studio sync (%s)", project, error)
 
     @app.post("/predict", dependencies=[Depends(require_auth)])
     async def predict(payload: PredictRequest, request: Request) -> dict:

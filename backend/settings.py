@@ -128,6 +128,11 @@ class Settings(BaseSettings):
 
     @field_validator("log_level", mode="before")
     @classmethod
+    repredict_after_promotion: bool = env(
+        "XDECODER_REPREDICT_AFTER_PROMOTION",
+        True,
+        description="after the served version changes, predict the project's unannotated tasks again with it",
+    )
     def _upper(cls, value):
         return value.upper() if isinstance(value, str) else value
 

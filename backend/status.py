@@ -17,7 +17,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from .corrections import IGNORED_ACTIONS, REJECTED_EVENTS, CorrectionStore
 from .learning import finetune_job_status
 from .preannotate import render_runs
-from .progress import recent_runs
+from .progress import RunProgress, recent_runs
 from .queues import LIVE_JOB_STATES, QUEUE_NAMES
 from .settings import Settings
 from .versions import VersionRegistry
@@ -67,6 +67,8 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
             "excluded": {str(k): v["reason"] for k, v in excluded.items()},
             "last_finetune": _last_finetune(redis, project, meta),
             "model_version": registry.current(project).name,
+            "not_yet_checked": store.unchecked_count(project),  # corrections Label Studio could not confirm yet
+            "label_studio": _label_studio_sync(redis, meta),
         }
     return {
         "redis": redis_location,
@@ -81,6 +83,19 @@ def collect(settings: Settings, redis: Redis, redis_location: str) -> dict[str, 
         "events_rejected": [json.loads(e) for e in redis.lrange(REJECTED_EVENTS, 0, 19)],
         "generated_at": time.time(),
     }
+
+
+def _label_studio_sync(redis: Redis, meta: dict[str, str]) -> dict[str, Any]:
+    """The model version Label Studio was last set to show, the error of a sync that failed, and the progress of the
+    re-prediction after the last change of version (backend.jobs.sync_label_studio)."""
+    sync = {"shows": meta.get("label_studio_sync"), "error": meta.get("label_studio_sync_error") or None}
+    if run_id := meta.get("repredict_run"):
+        snapshot = RunProgress(redis, run_id).snapshot()
+        sync["repredict"] = {
+            "run": run_id, "version": meta.get("repredict_version"), "total": snapshot.total,
+            "done": snapshot.done, "failed": snapshot.failed, "skipped": snapshot.skipped,
+        }  # fmt: skip
+    return sync
 
 
 def _last_finetune(redis: Redis, project: int, meta: dict[str, str]) -> dict[str, Any]:
@@ -146,6 +161,19 @@ def render(status: dict[str, Any], console: Console) -> None:
             console.print(f"  project {project}: last fine-tune's gate: {render_gate(gate)}", highlight=False)
         for annotation, reason in list(info["excluded"].items())[:10]:
             console.print(f"  project {project}: annotation {annotation} kept out of training: {reason}")
+        if info.get("not_yet_checked"):
+            console.print(
+                f"  project {project}: {info['not_yet_checked']} corrections not yet checked with Label Studio "
+                "(unreachable); they wait and are checked again every minute"
+            )
+        sync = info.get("label_studio") or {}
+        if sync.get("error"):
+            console.print(f"  project {project}: Label Studio not yet told the served version: {sync['error']}")
+        if repredict := sync.get("repredict"):
+            console.print(
+                f"  project {project}: re-prediction with {repredict['version']}: {repredict['done']} done, "
+                f"{repredict['failed']} failed, {repredict['skipped']} skipped of {repredict['total']}"
+            )
     render_runs(status["preannotate_runs"], console)
     if status["events_ignored"]:
         counts = ", ".join(f"{k} x{v}" for k, v in status["events_ignored"].items())

@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +96,9 @@ class VersionRegistry:
         self.root = Path(model_dir)
         self.base = ModelVersion(base_version_name(checkpoint))
         self._reported_foreign_pointers: set[str] = set()  # warned about once each, not on every prediction
+        # Called with (project, version name) after every change of what a project serves (promotion, rollback):
+        # Label Studio is told (backend.learning.served_version_changed). It must not raise.
+        self.on_served_change: Callable[[int, str], None] | None = None
         (self.root / "versions").mkdir(parents=True, exist_ok=True)
         (self.root / "projects").mkdir(parents=True, exist_ok=True)
 
@@ -246,6 +249,8 @@ class VersionRegistry:
             _replace_atomically(pointer, version.name)
         if not served.is_base:
             self._set_status(served, "superseded")
+        if self.on_served_change is not None:
+            self.on_served_change(project, version.name)
 
     def _pointer(self, project: int) -> Path:
         return self.root / "projects" / str(project) / POINTER_FILE

@@ -1,7 +1,8 @@
 """A stand-in Label Studio on 127.0.0.1: enough of its REST API for the backend's tests.
 
-Serves uploaded files (legacy-token auth), projects, paginated tasks with their predictions, and
-prediction listing/creation, and records every request. It answers like Label Studio 1.23 where the
+Serves uploaded files (legacy-token auth), projects, paginated tasks with their predictions and annotations,
+single tasks and annotations, prediction listing/creation, ML backends (list, PATCH of their title) and a
+project's model version (PATCH), and records every request. It answers like Label Studio 1.23 where the
 backend depends on it (404 past the last page of tasks, predictions carrying model_version).
 """
 
@@ -38,6 +39,8 @@ class StandInLabelStudio:
         self.projects: dict[int, dict] = {}
         self.tasks: dict[int, dict] = {}
         self.predictions: list[dict] = []
+        self.annotations: dict[int, dict] = {}  # id -> {id, project, task, result, updated_at, ...}
+        self.ml_backends: dict[int, dict] = {}  # id -> {id, project, title, url, model_version, auth_method}
         self.requests: list[tuple[str, str]] = []
         self.failing_prediction_posts: dict[int, int] = {}  # task id -> answer its next N prediction posts with 500
         self.prediction_post_seconds = 0.0  # how long each prediction post takes (a slow Label Studio)
@@ -65,8 +68,43 @@ class StandInLabelStudio:
             self.tasks[task_id] = {"id": task_id, "project": project, "data": data}
         return task_id
 
+    def put_task(self, task_id: int, project: int, data: dict) -> None:
+        """A task with a given id (the ids of recorded webhooks)."""
+        with self._lock:
+            self.tasks[task_id] = {"id": task_id, "project": project, "data": data}
+
+    def annotate(self, project: int, annotation: dict, task: dict) -> None:
+        """What Label Studio holds after a user saved `annotation` on `task` (as a webhook carries them)."""
+        self.put_task(int(task["id"]), project, dict(task.get("data") or {}))
+        self.annotations[int(annotation["id"])] = {"project": project, "task": int(task["id"])} | {
+            key: annotation[key] for key in ("id", "result", "was_cancelled", "completed_by", "updated_at")
+            if key in annotation
+        }  # fmt: skip
+
+    def saved(self, event: dict) -> dict:
+        """`event` (an annotation webhook), after Label Studio stored the annotations it names, as it does before it
+        sends the webhook; the backend reads them back before it trusts them."""
+        project = event["project"]["id"]
+        annotations, tasks = event["annotation"], event["task"]
+        if isinstance(annotations, dict):
+            annotations, tasks = [annotations], [tasks]
+        tasks_by_id = {task["id"]: task for task in tasks}
+        for annotation in annotations:
+            self.annotate(project, annotation, tasks_by_id[annotation["task"]])
+        return event
+
+    def add_ml_backend(self, project: int, title: str, model_version: str, url: str = "http://backend") -> int:
+        backend_id = max(self.ml_backends, default=0) + 1
+        self.ml_backends[backend_id] = {"id": backend_id, "project": project, "title": title, "url": url,
+                                        "model_version": model_version, "auth_method": "NONE"}  # fmt: skip
+        self.projects[project]["model_version"] = title  # as Label Studio does when a backend is added
+        return backend_id
+
     def predictions_for(self, task: int) -> list[dict]:
         return [p for p in self.predictions if p["task"] == task]
+
+    def annotations_of(self, task: int) -> list[dict]:
+        return [a for a in self.annotations.values() if a["task"] == task]
 
     # ------------------------------------------------------------------------------ HTTP side
     def _handler(self):
@@ -106,6 +144,13 @@ class StandInLabelStudio:
                     return self._send(200, project) if project else self._send(404, {"detail": "Not found."})
                 if parts == ["api", "tasks"]:
                     return self._tasks(query)
+                single = {"tasks": stand_in.tasks, "annotations": stand_in.annotations}
+                if len(parts) == 3 and parts[0] == "api" and parts[1] in single:
+                    found = single[parts[1]].get(int(parts[2]))
+                    return self._send(200, found) if found else self._send(404, {"detail": "Not found."})
+                if parts == ["api", "ml"]:
+                    project = int(query.get("project", 0))
+                    return self._send(200, [b for b in stand_in.ml_backends.values() if b["project"] == project])
                 if parts == ["api", "predictions"]:
                     task = int(query.get("task", 0))
                     return self._send(200, stand_in.predictions_for(task))
@@ -118,7 +163,14 @@ class StandInLabelStudio:
                 if (page - 1) * size >= len(tasks) and page > 1:
                     return self._send(404, {"detail": "Invalid page."})
                 chosen = tasks[(page - 1) * size : page * size]
-                items = [t | {"predictions": stand_in.predictions_for(t["id"]), "annotations": []} for t in chosen]
+                items = [
+                    t
+                    | {
+                        "predictions": stand_in.predictions_for(t["id"]),
+                        "annotations": stand_in.annotations_of(t["id"]),
+                    }
+                    for t in chosen
+                ]
                 body = {"tasks": items, "total": len(tasks), "total_annotations": 0, "total_predictions": 0}
                 return self._send(200, body)
 
@@ -136,6 +188,25 @@ class StandInLabelStudio:
                         prediction = {"id": len(stand_in.predictions) + 1, **body}
                         stand_in.predictions.append(prediction)
                     return self._send(201, prediction)
+                return self._send(404, {"detail": "Not found."})
+
+            def do_PATCH(self):
+                stand_in.requests.append(("PATCH", self.path))
+                if not self._authorized():
+                    return self._send(401, {"detail": "Authentication credentials were not provided."})
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                parts = urlsplit(self.path).path.strip("/").split("/")
+                if parts[:2] == ["api", "ml"] and len(parts) == 3 and int(parts[2]) in stand_in.ml_backends:
+                    backend = stand_in.ml_backends[int(parts[2])]
+                    project = stand_in.projects[backend["project"]]
+                    if "title" in body and project.get("model_version") == backend["title"]:
+                        project["model_version"] = body["title"]  # Label Studio's MLBackend.save does this
+                    backend.update({k: v for k, v in body.items() if k in ("title", "url", "auth_method")})
+                    return self._send(200, backend)
+                if parts[:2] == ["api", "projects"] and len(parts) == 3 and int(parts[2]) in stand_in.projects:
+                    project = stand_in.projects[int(parts[2])]
+                    project.update({k: v for k, v in body.items() if k == "model_version"})
+                    return self._send(200, project)
                 return self._send(404, {"detail": "Not found."})
 
         return Handler

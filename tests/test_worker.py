@@ -22,6 +22,7 @@ from backend.corrections import CorrectionStore
 from backend.progress import RunProgress
 from backend.queues import PREDICT, EmbeddedRedis, enqueue
 from backend.server import create_app
+from backend.status import collect
 from backend.versions import VersionRegistry
 from tests.conftest import reference_payload
 from tests.helpers import subprocess_env
@@ -58,13 +59,17 @@ def project(label_studio):
     """Project 7 with 6 tasks in the stand-in Label Studio."""
     label_studio.add_project(7, PANOPTIC)
     label_studio.tasks = {k: v for k, v in label_studio.tasks.items() if v["project"] != 7}
+    label_studio.annotations = {k: v for k, v in label_studio.annotations.items() if v["project"] != 7}
+    label_studio.ml_backends = {k: v for k, v in label_studio.ml_backends.items() if v["project"] != 7}
     label_studio.predictions.clear()
     ids = [label_studio.add_task(7, {"image": label_studio.upload(f"p7-{i}.png", png(64, 48, seed=i), project=7)})
            for i in range(6)]  # fmt: skip
     return ids
 
 
-def test_a_worker_applies_stored_webhooks(settings, redis):
+def test_a_worker_applies_stored_webhooks(settings, redis, label_studio):
+    label_studio.add_project(3, reference_payload("webhook_annotation_created.json")["project"]["label_config"])
+    label_studio.saved(reference_payload("webhook_annotation_created.json"))
     with TestClient(create_app(settings)) as client:
         for name in ("webhook_annotation_created.json", "webhook_start_training.json"):
             assert client.post("/webhook", json=reference_payload(name)).status_code == 200
@@ -75,15 +80,16 @@ def test_a_worker_applies_stored_webhooks(settings, redis):
     assert Queue("train", connection=redis).count == 1  # Start Training queued a fine-tune
 
 
-def test_events_survive_a_redis_crash_between_acknowledge_and_processing(settings, tmp_path):
+def test_events_survive_a_redis_crash_between_acknowledge_and_processing(settings, tmp_path, label_studio):
     server = EmbeddedRedis(tmp_path / "own-redis")
     url = server.ensure_running()
     settings = settings.model_copy(update={"redis_url": url})
+    label_studio.add_project(3, reference_payload("webhook_annotation_created.json")["project"]["label_config"])
     with TestClient(create_app(settings)) as client:
         for i in range(5):
             event = reference_payload("webhook_annotation_created.json")
             event["annotation"]["id"] = 100 + i
-            assert client.post("/webhook", json=event).status_code == 200
+            assert client.post("/webhook", json=label_studio.saved(event)).status_code == 200
     Redis.from_url(url).shutdown(nosave=True)  # no snapshot: only the append-only file remains
     wait_until(lambda: not server.running(), timeout=10)
     server.ensure_running()
@@ -225,7 +231,8 @@ def test_corrections_sent_by_webhook_become_a_served_fine_tune(settings, redis, 
             event = reference_payload("webhook_annotation_created.json")
             event["annotation"] |= {"id": annotation_id, "task": task_id}
             event["task"]["id"] = task_id
-            assert client.post("/webhook", json=event).status_code == 200
+            label_studio.add_project(3, event["project"]["label_config"])
+            assert client.post("/webhook", json=label_studio.saved(event)).status_code == 200
         run_burst(settings, "events")
         assert Queue("train", connection=redis).count == 1  # the third correction triggered a fine-tune
         run_burst(settings, "train")
@@ -267,3 +274,107 @@ def test_each_queue_gives_its_jobs_its_own_timeout_retries_and_failure_retention
             policy.job_timeout, policy.retry.max, policy.retry.intervals, policy.failure_ttl
         )  # fmt: skip
     assert len({POLICIES[name].job_timeout for name in (EVENTS, PREDICT, TRAIN)}) == 3
+
+
+# ------------------------------------------------------------------ Label Studio follows the served version
+def fine_tuned_version(settings, project: int) -> str:
+    """A version of `project` whose weights differ from the base's (one trainable tensor moved), as a fine-tune
+    stores it; returns its name."""
+    import torch
+
+    from tests.helpers import tiny_model
+    from xdecoder.training import trainable_parameters
+
+    name, tensor = next(iter(trainable_parameters(tiny_model(seed=11)).items()))
+    moved = {name: tensor.detach() + 0.5 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0))}
+    registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    return registry.create(project, moved, registry.base.name, trained_on=2, metrics={}).name
+
+
+def cli(settings, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "backend.cli", *args]
+    return subprocess.run(command, env=subprocess_env(settings), capture_output=True, text=True, timeout=120)
+
+
+def test_setup_has_label_studio_show_the_served_version_once(settings, redis, label_studio, project):
+    backend = label_studio.add_ml_backend(7, title="xdecoder", model_version="tiny")
+    other = label_studio.add_ml_backend(7, title="someone else's", model_version="their-model")
+    label_studio.projects[7]["model_version"] = "xdecoder"
+    setup = {"project": "7.1795397442", "schema": PANOPTIC}
+    events = Queue("events", connection=redis)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/setup", json=setup).json() == {"model_version": "tiny"}
+        assert client.post("/setup", json=setup).status_code == 200  # Label Studio calls it often: one sync
+        (job_id,) = events.scheduled_job_registry.get_job_ids()
+        assert events.fetch_job(job_id).args == (7, False)  # no re-prediction on connection
+        events.scheduled_job_registry.remove(job_id)
+        events.enqueue_job(events.fetch_job(job_id))  # due now (RQ's scheduler waits SYNC_AFTER_SETUP_S)
+        run_burst(settings, "events")
+        assert label_studio.ml_backends[backend]["title"] == "tiny"
+        assert label_studio.ml_backends[other]["title"] == "someone else's"
+        assert label_studio.projects[7]["model_version"] == "tiny"
+        redis.delete("xdls:project:7:sync_claim")
+        assert client.post("/setup", json=setup).status_code == 200
+        assert events.scheduled_job_registry.get_job_ids() == []  # Label Studio shows it already
+    assert collect(settings, redis, "test")["projects"]["7"]["label_studio"] == {"shows": "tiny", "error": None}
+
+
+def test_a_promotion_and_a_rollback_repredict_the_unannotated_tasks_with_the_served_version(
+    settings, redis, label_studio, project
+):
+    label_studio.add_ml_backend(7, title="xdecoder", model_version="tiny")
+    for annotation_id, task in ((71, project[0]), (72, project[1])):
+        label_studio.annotate(7, {"id": annotation_id, "result": []}, label_studio.tasks[task])
+    preannotate.start(settings, redis, 7)
+    run_burst(settings, "predict")  # every task has a prediction of the base
+    base_scores = {t: label_studio.predictions_for(t)[0]["score"] for t in project}
+    version = fine_tuned_version(settings, 7)
+
+    served = cli(settings, "versions", "--serve", version)
+    assert served.returncode == 0, served.stderr
+    assert f"project 7 now serves {version}" in served.stdout
+    (sync,) = Queue("events", connection=redis).jobs
+    assert sync.func_name == "backend.jobs.sync_label_studio" and sync.args == (7, True)
+    run_burst(settings, "events")
+    assert label_studio.projects[7]["model_version"] == version  # the Prediction score column's version
+    run_burst(settings, "predict")
+    for task in project:
+        versions = [p["model_version"] for p in label_studio.predictions_for(task)]
+        assert versions == (["tiny"] if task in project[:2] else ["tiny", version]), (task, versions)
+    new_scores = {p["task"]: p["score"] for p in label_studio.predictions if p["model_version"] == version}
+    assert new_scores.keys() == set(project[2:]) and new_scores != {t: base_scores[t] for t in project[2:]}
+    repredict = collect(settings, redis, "test")["projects"]["7"]["label_studio"]["repredict"]
+    assert repredict | {"run": None} == {"run": None, "version": version, "total": 6, "done": 4, "failed": 0,
+                                         "skipped": 2}  # fmt: skip
+
+    rolled_back = cli(settings, "versions", "--serve", "tiny", "--project", "7")
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    run_burst(settings, "events")
+    run_burst(settings, "predict")
+    assert label_studio.projects[7]["model_version"] == "tiny"
+    repredict = collect(settings, redis, "test")["projects"]["7"]["label_studio"]["repredict"]
+    assert (repredict["version"], repredict["done"], repredict["skipped"]) == ("tiny", 0, 6)  # the base's are there
+
+
+def test_a_promotion_while_label_studio_is_unreachable_stands_and_label_studio_is_told_later(
+    settings, redis, label_studio, project
+):
+    from tests.test_label_studio_api import closed_port
+
+    label_studio.add_ml_backend(7, title="xdecoder", model_version="tiny")
+    version = fine_tuned_version(settings, 7)
+    away = settings.model_copy(update={"label_studio_url": f"http://127.0.0.1:{closed_port()}"})
+    served = cli(away, "versions", "--serve", version)
+    assert served.returncode == 0, served.stderr  # the promotion itself does not depend on Label Studio
+    assert VersionRegistry(settings.model_dir, settings.checkpoint).current(7).name == version
+    run_burst(away, "events")
+    sync = Queue("events", connection=redis)
+    (retry,) = sync.scheduled_job_registry.get_job_ids()  # failed, waiting for its retry: nothing is lost
+    error = collect(settings, redis, "test")["projects"]["7"]["label_studio"]["error"]
+    assert error.startswith(f"{version}: cannot reach Label Studio")
+    sync.scheduled_job_registry.remove(retry)
+    sync.enqueue_job(sync.fetch_job(retry))  # its retry is due, and Label Studio is back
+    run_burst(settings, "events")
+    assert label_studio.projects[7]["model_version"] == version
+    run_burst(settings, "predict")
+    assert all(version in {p["model_version"] for p in label_studio.predictions_for(t)} for t in project)
