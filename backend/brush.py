@@ -1,8 +1,15 @@
-"""Masks in and out of Label Studio: brush RLE for BrushLabels results, and annotators' polygons as masks.
+"""Masks in and out of Label Studio: brush RLE for BrushLabels results, PNG data URLs for BitmaskLabels results, and
+annotators' polygons as masks.
 
 Label Studio stores a brush mask as its own run-length encoding of the RGBA image the editor paints (row-major,
 4 bytes per pixel), and reads the mask from the alpha channel. Encoding and decoding go through
 `label_studio_sdk.converter.brush`, so the bytes are the ones Label Studio itself writes and reads.
+
+A <BitmaskLabels> result (Label Studio 1.22+) carries its mask as `value.imageDataURL`, a PNG data URL. The 1.23.2
+editor (BitmaskRegionModel in web/dist/apps/labelstudio/358.js) decodes it with the browser, draws it on a canvas
+the size of the PNG (the image's natural size) and counts a pixel as painted when its alpha is above 0; the colour
+is the label's. So we write the mask at the image's size as a 1-bit greyscale PNG whose 0 is transparent (a tRNS
+chunk): a 2000x2000 disk encodes in 58 ms to 7 KB, where an RGBA PNG of it takes 660 ms and 23 KB.
 
 Polygons are rasterised with the pixel-centre rule: pixel (col, row) is in the mask when its centre
 (col + 0.5, row + 0.5) is inside the polygon, by the even-odd rule (fill rules differ only where a polygon crosses
@@ -13,21 +20,54 @@ every region by a pixel.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from PIL import Image, UnidentifiedImageError
 
 # Brush strokes are anti-aliased: their edge pixels are partly transparent. Half opaque or more counts as painted.
 MIN_PAINTED_ALPHA = 128
 
 
+PNG_DATA_URL_PREFIX = "data:image/png;base64,"
+
+
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """[H, W] bool -> Label Studio brush RLE (the mask painted opaque in the alpha channel)."""
+    return mask2rle(_checked_mask(mask).astype(np.uint8) * 255)
+
+
+def mask_to_png_data_url(mask: np.ndarray) -> str:
+    """[H, W] bool -> the `imageDataURL` of a <BitmaskLabels> result: the mask opaque, the rest transparent."""
+    buffer = io.BytesIO()
+    Image.fromarray(_checked_mask(mask)).save(buffer, "PNG", transparency=0)
+    return PNG_DATA_URL_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png_data_url_to_mask(data_url: str, height: int, width: int) -> np.ndarray:
+    """A <BitmaskLabels> `imageDataURL` (ours, or the editor's RGBA canvas) -> [H, W] bool, the pixels whose alpha
+    is above 0, as the editor reads them."""
+    if not isinstance(data_url, str) or not data_url.startswith(PNG_DATA_URL_PREFIX):
+        raise ValueError(f"not a PNG data URL (expected it to start with {PNG_DATA_URL_PREFIX!r})")
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data_url[len(PNG_DATA_URL_PREFIX) :], validate=True))) as image:
+            if image.size != (width, height):
+                raise ValueError(f"the PNG is {image.width}x{image.height}, expected {width}x{height}")
+            return np.asarray(image.convert("RGBA"))[:, :, 3] > 0
+    except (binascii.Error, UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"not a PNG data URL: {error}") from error
+
+
+def _checked_mask(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"mask must be a non-empty 2-D [H, W] array, got shape {mask.shape}")
     if mask.dtype != np.bool_:
         raise ValueError(f"mask must be a bool array, got {mask.dtype} (e.g. pass mask > 0)")
-    return mask2rle(mask.astype(np.uint8) * 255)
+    return mask
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:

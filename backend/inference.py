@@ -4,6 +4,9 @@ The server's /predict and the workers' pre-annotation jobs both call `ModelServi
 two paths give identical results. Each task is isolated: an image that cannot be fetched or decoded
 gives that task an empty placeholder (logged with the reason) and the others go on.
 
+One image pass serves everything a task asks of an image: panoptic labels, referring prompts, the caption (caption
+TextAreas) and the ranking of its Choices' texts go to the model in one `Predictor.predict` call per batch.
+
 Placeholders carry a model_version of their own ("<version>/failed", "<version>/pending"), never the
 current one: Label Studio skips tasks that already have a prediction of the current version, so an
 empty placeholder under that name would hide the task from every later retrieval.
@@ -31,7 +34,16 @@ from xdecoder.checkpoint import with_replaced_weights
 from .images import ImageFetcher, ImageFetchError
 from .label_config import ControlSpec, ImageSpec, PanopticVocabulary, ProjectSpec, Prompt
 from .polygons import PolygonOptions
-from .results import ReferringRegion, RegionIds, image_regions, task_score
+from .results import (
+    ChoicePolicy,
+    ReferringRegion,
+    RegionIds,
+    caption_results,
+    choices_results,
+    image_regions,
+    rank_texts,
+    task_score,
+)
 from .settings import Settings
 from .versions import ModelVersion, VersionRegistry
 
@@ -70,6 +82,17 @@ class _ImageWork:
     vocabulary: PanopticVocabulary
     prompts: list[Prompt]
     interactive: bool  # asked by an annotator's prompt in the editor
+    caption: bool = False  # the image's caption, for its caption TextAreas
+    rank_texts: tuple[str, ...] = ()  # its Choices' texts, ranked against the image
+
+    @property
+    def request(self) -> tuple:
+        """What the model is asked for the whole batch (the prompts are per image)."""
+        return self.vocabulary, self.caption, self.rank_texts
+
+    @property
+    def asks_model(self) -> bool:
+        return bool(self.vocabulary.labels or self.prompts or self.caption or self.rank_texts)
 
 
 def load_base_model(settings: Settings) -> XDecoderModel:
@@ -137,6 +160,7 @@ class ModelService:
             min_area_px=settings.polygon_min_area_px,
             keep_holes=settings.polygon_keep_holes,
         )
+        self.choice_policy = ChoicePolicy(settings.choices_top_k, settings.choices_min_probability)
         self._predictors: OrderedDict[str, Predictor] = OrderedDict()
         # One inference at a time: a forward pass already uses every core, and two would double memory.
         self._inference = threading.Lock()
@@ -168,6 +192,17 @@ class ModelService:
             for name in fine_tuned[:-MAX_LOADED_VERSIONS]:
                 del self._predictors[name]
             return predictor
+
+    def no_caption_reason(self, spec: ProjectSpec, version: ModelVersion) -> str | None:
+        """Why the caption TextAreas of `spec` get no caption from `version`, or None when they get it. Fine-tuned
+        versions have the base model's shape and heads, so the base model tells."""
+        areas = [area for image in spec.images for area in image.caption_areas]
+        if not areas or self.base_model.can_caption:
+            return None
+        return (
+            f"caption TextAreas ({', '.join(areas)}) get no caption: model {version.name} cannot caption "
+            f"({self.base_model.caption_support}); the rest is predicted"
+        )
 
     def _load_fine_tuned(self, version: ModelVersion) -> XDecoderModel:
         """The base model's tensors, with the ones fine-tuning changed replaced (the rest are shared)."""
@@ -201,7 +236,12 @@ class ModelService:
         version = self.current_version(project)
         predictor = self.predictor(version)
         elsewhere = {i for i, task in enumerate(tasks) if task.get("id") in queued}
-        works = [[] if i in elsewhere else self._plan(i, task, spec, context) for i, task in enumerate(tasks)]
+        can_caption = predictor.model.can_caption
+        works = [
+            [] if i in elsewhere else self._plan(i, task, spec, context, can_caption) for i, task in enumerate(tasks)
+        ]
+        if uncaptioned := self.no_caption_reason(spec, version):
+            logger.warning("%s", uncaptioned)
         progress = _Progress(len(tasks))
         images_left = [len(task_works) for task_works in works]
 
@@ -231,7 +271,7 @@ class ModelService:
                 break
             batch = fetches.take(processed, batch_size)
             started = self.clock()
-            for group in _same_vocabulary(batch):
+            for group in _same_request(batch):
                 self._run(predictor, group, tasks, progress)
             spent = (self.clock() - started) / len(batch)
             seconds_per_image = spent if processed == 0 else 0.7 * seconds_per_image + 0.3 * spent
@@ -254,7 +294,12 @@ class ModelService:
         return outcome
 
     def _plan(
-        self, index: int, task: Mapping[str, Any], spec: ProjectSpec, context: Mapping[str, Any] | None
+        self,
+        index: int,
+        task: Mapping[str, Any],
+        spec: ProjectSpec,
+        context: Mapping[str, Any] | None,
+        can_caption: bool,
     ) -> list[_ImageWork]:
         data = task.get("data") or {}
         works = []
@@ -264,11 +309,15 @@ class ModelService:
             prompts = image.prompts(data, context)
             interactive = [p for p in prompts if p.source == "context"]
             controls = self._chosen_controls(image)
-            # An annotator's prompt asks for that region only, not for a full pre-fill; one that names none of the
-            # labels (skipped with a warning) gets nothing.
+            # An annotator's prompt asks for that region only, not for a full pre-fill (no caption, no choices); one
+            # that names none of the labels (skipped with a warning) gets nothing.
             asked = image.asked_interactively(context)
             vocabulary = PanopticVocabulary.of([] if asked else controls)
-            works.append(_ImageWork(index, image, controls, vocabulary, interactive if asked else prompts, asked))
+            work = _ImageWork(index, image, controls, vocabulary, interactive if asked else prompts, asked)
+            if not asked:
+                work.caption = bool(image.caption_areas) and can_caption
+                work.rank_texts = tuple(rank_texts(image, data))
+            works.append(work)
         return works
 
     def _chosen_controls(self, image: ImageSpec) -> list[ControlSpec]:
@@ -292,16 +341,18 @@ class ModelService:
             except Exception:  # a defect of ours rather than the image's: logged in full, and this task alone fails
                 logger.exception("task %s: no prediction, the image could not be prepared", task_id)
                 progress.failed[work.task_index] = "internal_error"
-        asks = [(w, img) for w, img in ready if w.vocabulary.labels or w.prompts]
+        asks = [(w, img) for w, img in ready if w.asks_model]
         if asks:
-            vocabulary = asks[0][0].vocabulary
+            first = asks[0][0]
             with self._inference:
                 predictions = predictor.predict(
                     [img for _, img in asks],
-                    labels=vocabulary.labels,
-                    stuff=vocabulary.stuff,
-                    synonyms=vocabulary.synonyms,
+                    labels=first.vocabulary.labels,
+                    stuff=first.vocabulary.stuff,
+                    synonyms=first.vocabulary.synonyms,
                     prompts=[[p.text for p in w.prompts] for w, _ in asks],
+                    caption=first.caption,
+                    rank_texts=first.rank_texts,
                 )
         else:
             predictions = []
@@ -309,11 +360,18 @@ class ModelService:
         for work, image in ready:
             prediction = results.get(id(work), Prediction())
             referring = _referring_regions(work, prediction)
-            ids = RegionIds(tasks[work.task_index].get("id"), work.spec.name, fresh=work.interactive)
-            progress.regions[work.task_index] += image_regions(
+            task = tasks[work.task_index]
+            ids = RegionIds(task.get("id"), work.spec.name, fresh=work.interactive)
+            regions = image_regions(
                 work.spec, image.image_size, work.controls, prediction, referring, ids, self.polygon_options
             )
-            progress.scores[work.task_index].append(task_score(prediction, referring))
+            texts = []
+            if not work.interactive:
+                texts = caption_results(work.spec, prediction.caption, ids) + choices_results(
+                    work.spec, task.get("data") or {}, prediction.ranking, ids, self.choice_policy, task.get("id")
+                )
+            progress.regions[work.task_index] += regions + texts
+            progress.scores[work.task_index].append(task_score(prediction, referring, [r["score"] for r in texts]))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -360,11 +418,11 @@ class _Prefetch:
         self._waiting.clear()
 
 
-def _same_vocabulary(batch):
-    """Split a batch into runs of consecutive images asking for the same labels."""
+def _same_request(batch):
+    """Split a batch into runs of consecutive images asking the same of the model (_ImageWork.request)."""
     groups: list[list] = []
     for item in batch:
-        if groups and groups[-1][0][0].vocabulary == item[0].vocabulary:
+        if groups and groups[-1][0][0].request == item[0].request:
             groups[-1].append(item)
         else:
             groups.append([item])

@@ -4,14 +4,17 @@ Label Studio sends the project's labeling config (XML) with /setup, /predict and
 with the SDK's `LabelInterface` and turns it into small frozen dataclasses that the rest of the backend uses:
 
     spec = ProjectSpec.parse(label_config)          # raises LabelConfigError for configs we cannot serve
-    for image in spec.images:                        # every <Image> with a <PolygonLabels> or <BrushLabels>
+    for image in spec.images:                        # every <Image> with a control this backend fills
         url = task["data"][image.data_key]
-        for control in image.polygon_controls:       # or image.brush_controls
+        for control in image.polygon_controls:       # or image.brush_controls (BrushLabels and BitmaskLabels)
             control.panoptic_labels                  # LabelSpec: value, texts (what X-Decoder reads), stuff
         image.prompts(task["data"], context)         # referring prompts and the label each mask gets
+        image.caption_areas                          # <TextArea>s that get the image's caption
+        image.choices                                # <Choices> filled from the ranking of their values
 
-The attributes we read beyond Label Studio's own (`stuff`, `prompt`, `referring`), the default stuff names and how
-prompts are found are documented for users in label_config/README.md; Label Studio 1.23.2 keeps them as written.
+The attributes we read beyond Label Studio's own (`stuff`, `prompt`, `referring`, `caption`), the default stuff names,
+how prompts are found and which TextArea is a caption are documented for users in label_config/README.md; Label
+Studio 1.23.2 keeps them as written.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from label_studio_sdk.label_interface.object_tags import ObjectTag
 
 logger = logging.getLogger(__name__)
 
-ControlKind = Literal["polygonlabels", "brushlabels"]
+ControlKind = Literal["polygonlabels", "brushlabels", "bitmasklabels"]
 PromptSource = Literal["context", "data", "label"]
 
-CONTROL_KINDS: tuple[ControlKind, ...] = ("polygonlabels", "brushlabels")
+CONTROL_KINDS: tuple[ControlKind, ...] = ("polygonlabels", "brushlabels", "bitmasklabels")
+# Controls painted pixel by pixel: BrushLabels (RLE) and BitmaskLabels (a PNG), filled alike.
+PIXEL_MASK_KINDS: tuple[ControlKind, ...] = ("brushlabels", "bitmasklabels")
 
 # Task data field read for prompts when a <TextArea> has no value="$field". Leaving `value` off keeps the project's
 # data to one key, which Label Studio needs to accept plain image uploads; JSON tasks may still carry this field.
@@ -122,7 +127,7 @@ class LabelSpec:
     @classmethod
     def from_tag(cls, tag: LabelTag, control: ControlTag) -> LabelSpec:
         shown = tag.get_attr("value", tag.value)
-        texts = _split_names(tag.get_attr("predicted_values", "")) or _split_names(tag.get_attr("hint", "")) or (shown,)
+        texts = _model_texts(tag.get_attr("predicted_values"), tag.get_attr("hint"), shown)
         stuff = _bool_attr(tag, "stuff", control)
         return cls(
             value=tag.value,
@@ -160,6 +165,63 @@ class ControlSpec:
         if not labels:
             raise LabelConfigError(f'<{tag.tag} name="{tag.name}"> has no <Label> tags: add the labels to segment.')
         return cls(name=tag.name, kind=tag.tag.lower(), labels=labels)
+
+
+@dataclass(frozen=True)
+class ChoiceSpec:
+    """One choice of a <Choices>: what Label Studio stores and the texts the model ranks for it (as for labels)."""
+
+    value: str  # the choice's `alias` if it has one, else its `value`
+    texts: tuple[str, ...]  # `predicted_values`, else `hint` (split on commas), else `value`
+
+    @classmethod
+    def from_tag(cls, tag: LabelTag) -> ChoiceSpec:
+        shown = tag.get_attr("value", tag.value)
+        return cls(tag.value, _model_texts(tag.get_attr("predicted_values"), tag.get_attr("hint"), shown))
+
+    @classmethod
+    def from_data(cls, item: Any) -> ChoiceSpec | None:
+        """A choice of dynamic Choices from the task data: `{"value": ..., "alias"?, "predicted_values"?, "hint"?}`,
+        as Label Studio reads them, or a plain string; None for anything else."""
+        if isinstance(item, str):
+            item = {"value": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("value"), str) or not item["value"].strip():
+            return None
+        shown = item["value"].strip()
+        alias = item.get("alias") if isinstance(item.get("alias"), str) and item["alias"].strip() else None
+        hint = item.get("hint") if isinstance(item.get("hint"), str) else None
+        predicted = item.get("predicted_values") if isinstance(item.get("predicted_values"), str) else None
+        return cls(value=alias or shown, texts=_model_texts(predicted, hint, shown))
+
+
+@dataclass(frozen=True)
+class ChoicesSpec:
+    """One <Choices> over an image (not perRegion): filled with the choices the model ranks highest for the image."""
+
+    name: str
+    multiple: bool  # choice="multiple": several choices may be picked
+    static_choices: tuple[ChoiceSpec, ...]
+    data_field: str | None = None  # dynamic choices (value="$field"): read from this task data field
+
+    def choices(self, task_data: Mapping[str, Any]) -> tuple[ChoiceSpec, ...]:
+        """This task's choices: the <Choice> tags, or the task data's list for dynamic choices (children of nested
+        choices are not offered). Empty when there are none, which the caller logs."""
+        if self.data_field is None:
+            return self.static_choices
+        items = task_data.get(self.data_field)
+        parsed = [ChoiceSpec.from_data(item) for item in items] if isinstance(items, list) else []
+        unique: dict[str, ChoiceSpec] = {}
+        for choice in parsed:
+            if choice is not None:
+                unique.setdefault(choice.value, choice)
+        return tuple(unique.values())
+
+    @classmethod
+    def from_tag(cls, tag: ControlTag) -> ChoicesSpec:
+        static = tuple(ChoiceSpec.from_tag(choice) for choice in tag.labels_attrs.values())
+        value = tag.get_attr("value", "")
+        field = value[1:] if tag.dynamic_value and value.startswith("$") and len(value) > 1 else None
+        return cls(tag.name, str(tag.get_attr("choice", "single")).casefold() == "multiple", static, field)
 
 
 @dataclass(frozen=True)
@@ -217,11 +279,13 @@ class ImageSpec:
     name: str  # the results' to_name
     data_key: str  # the task data field with the image URL: value="$image" -> "image"
     polygon_controls: tuple[ControlSpec, ...]
-    brush_controls: tuple[ControlSpec, ...]
+    brush_controls: tuple[ControlSpec, ...]  # <BrushLabels> and <BitmaskLabels>: masks painted pixel by pixel
     prompt_areas: tuple[PromptSpec, ...]
     # The label that free-text prompts get: the label marked referring="true", or the image's only label. None when
     # the config leaves it open: each prompt then gets the label it names ("the red car" -> Car), if any.
     referring_label: str | None
+    caption_areas: tuple[str, ...] = ()  # names of the <TextArea>s that get the image's caption (see text_area_role)
+    choices: tuple[ChoicesSpec, ...] = ()
 
     @property
     def controls(self) -> tuple[ControlSpec, ...]:
@@ -287,26 +351,68 @@ class ImageSpec:
                 f'<Image name="{tag.name}" value="{tag.value}"> does not name a task data field: use value="$image".'
             )
         label_controls = [ControlSpec.from_tag(c) for c in controls if c.tag.lower() in CONTROL_KINDS]
+        text_areas = [(c, text_area_role(c, tag.name, has_masks=bool(label_controls))) for c in controls]
         return cls(
             name=tag.name,
             data_key=tag.value_name,
             polygon_controls=tuple(c for c in label_controls if c.kind == "polygonlabels"),
-            brush_controls=tuple(c for c in label_controls if c.kind == "brushlabels"),
-            # A per-region TextArea describes regions that exist already; it is not a prompt.
-            prompt_areas=tuple(
-                PromptSpec.from_tag(c)
-                for c in controls
-                if c.tag.lower() == "textarea" and str(c.get_attr("perRegion", "false")).casefold() != "true"
-            ),
+            brush_controls=tuple(c for c in label_controls if c.kind in PIXEL_MASK_KINDS),
+            prompt_areas=tuple(PromptSpec.from_tag(c) for c, role in text_areas if role == "prompt"),
             referring_label=_referring_label(tag.name, label_controls),
+            caption_areas=tuple(c.name for c, role in text_areas if role == "caption"),
+            choices=tuple(
+                ChoicesSpec.from_tag(c) for c in controls if c.tag.lower() == "choices" and not _per_region(c)
+            ),
         )
+
+    @property
+    def fills_anything(self) -> bool:
+        return bool(self.controls or self.caption_areas or self.choices)
+
+
+def text_area_role(tag: ControlTag, image: str, has_masks: bool) -> Literal["prompt", "caption"] | None:
+    """What a control attached to <Image name=`image`> is to this backend when it is a <TextArea> (None otherwise):
+    a source of referring prompts, a place for the image's caption, or neither (a per-region TextArea describes
+    regions that exist already).
+
+    The rule, in order:
+    1. `caption="true"` makes it a caption TextArea, `caption="false"` a prompt TextArea.
+    2. Without `caption`, a TextArea over an image with a <PolygonLabels>, <BrushLabels> or <BitmaskLabels> is a prompt
+       TextArea (its prompts' masks go to those controls), as before captions existed.
+    3. Without `caption`, a TextArea over an image with none of those gets the caption: prompts could go nowhere.
+    Refused as ambiguous: `caption="true"` with `value="$field"` (the field would be read as prompts and the caption
+    written over it), and, on an image without mask controls, a TextArea with `value="$field"` and no `caption`
+    (prompts from that field with nowhere to go, or a caption?).
+    """
+    if tag.tag.lower() != "textarea" or _per_region(tag):
+        return None
+    caption = _bool_attr(tag, "caption")
+    data_field = tag.get_attr("value", "")
+    where = f'<TextArea name="{tag.name}" toName="{image}"'
+    if caption and data_field.startswith("$"):
+        raise LabelConfigError(
+            f'{where} caption="true" value="{data_field}"> is ambiguous: the backend reads prompts from a TextArea\'s '
+            f'value field and writes captions into caption="true" TextAreas. Remove value="{data_field}" to get the '
+            'caption there, or remove caption="true" to read prompts from the field.'
+        )
+    if caption is not None:
+        return "caption" if caption else "prompt"
+    if has_masks:
+        return "prompt"
+    if data_field.startswith("$"):
+        raise LabelConfigError(
+            f'{where} value="{data_field}"> is ambiguous: it names a prompt field, but the image has no '
+            '<PolygonLabels>, <BrushLabels> or <BitmaskLabels> for the prompts\' masks. Add caption="true" to get '
+            "the image's caption in it, or attach a mask control with a <Label> for the prompts."
+        )
+    return "caption"
 
 
 @dataclass(frozen=True)
 class ProjectSpec:
     """Everything this backend reads from one labeling config."""
 
-    images: tuple[ImageSpec, ...]  # only images with at least one <PolygonLabels> or <BrushLabels>
+    images: tuple[ImageSpec, ...]  # only images with a control this backend fills (ImageSpec.fills_anything)
 
     @classmethod
     def parse(cls, label_config: str | None) -> ProjectSpec:
@@ -325,15 +431,26 @@ class ProjectSpec:
         images = []
         for image in interface.image_tags:
             attached = [control for control in interface.controls if image.name in control.to_name]
-            if any(control.tag.lower() in CONTROL_KINDS for control in attached):
+            if any(_fillable(control) for control in attached):
                 images.append(ImageSpec.from_tag(image, attached))
         if not images:
             names = ", ".join(f'"{image.name}"' for image in interface.image_tags)
             raise LabelConfigError(
-                f"No <PolygonLabels> or <BrushLabels> is attached to an <Image> (toName={names}). The X-Decoder "
-                "backend returns its masks as polygons or brush masks: add one of these controls with <Label> tags."
+                f"No <PolygonLabels>, <BrushLabels>, <BitmaskLabels>, <TextArea> or <Choices> is attached to an "
+                f"<Image> (toName={names}). The X-Decoder backend returns masks, captions and choices for images: "
+                "add one of these controls."
             )
         return cls(images=tuple(images))
+
+
+def _fillable(control: ControlTag) -> bool:
+    kind = control.tag.lower()
+    return kind in CONTROL_KINDS or (kind in ("textarea", "choices") and not _per_region(control))
+
+
+def _per_region(control: ControlTag) -> bool:
+    """A per-region TextArea or Choices describes regions that exist already, not the image."""
+    return str(control.get_attr("perRegion", "false")).casefold() == "true"
 
 
 def _is_default_stuff(names: Iterable[str]) -> bool:
@@ -410,8 +527,13 @@ def _singulars(word: str) -> set[str]:
     return forms
 
 
-def _split_names(names: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in names.split(",") if name.strip())
+def _split_names(names: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (names or "").split(",") if name.strip())
+
+
+def _model_texts(predicted_values: str | None, hint: str | None, shown: str) -> tuple[str, ...]:
+    """What X-Decoder reads for a label or a choice: `predicted_values`, else `hint`, else the shown value."""
+    return _split_names(predicted_values) or _split_names(hint) or (shown,)
 
 
 def _prompt_lines(value: Any) -> list[str]:
@@ -420,13 +542,15 @@ def _prompt_lines(value: Any) -> list[str]:
     return [line.strip() for text in texts if isinstance(text, str) for line in text.splitlines() if line.strip()]
 
 
-def _bool_attr(tag: LabelTag, name: str, control: ControlTag) -> bool | None:
+def _bool_attr(tag: LabelTag | ControlTag, name: str, control: ControlTag | None = None) -> bool | None:
+    """A true/false attribute of a <Label> of `control`, or of a control itself."""
     value = tag.get_attr(name)
     if value is None:
         return None
     if value.casefold() not in ("true", "false"):
-        raise LabelConfigError(
-            f'<Label value="{tag.value}"> in <{control.tag} name="{control.name}"> has {name}="{value}": '
-            'use "true" or "false".'
-        )
+        if control is not None:
+            where = f'<Label value="{tag.value}"> in <{control.tag} name="{control.name}">'
+        else:
+            where = f'<{tag.tag} name="{tag.name}">'
+        raise LabelConfigError(f'{where} has {name}="{value}": use "true" or "false".')
     return value.casefold() == "true"

@@ -1,7 +1,9 @@
-"""Model outputs -> Label Studio result regions, and the scores Label Studio sorts tasks by.
+"""Model outputs -> Label Studio results, and the scores Label Studio sorts tasks by.
 
-One small class per control tag type: `PolygonOutput` fills <PolygonLabels>, `BrushOutput` fills
-<BrushLabels>. Both turn panoptic segments and referring masks into regions of their own kind.
+One small class per mask control tag type: `PolygonOutput` fills <PolygonLabels>, `BrushOutput` <BrushLabels> (RLE),
+`BitmaskOutput` <BitmaskLabels> (a PNG data URL). Each turns panoptic segments and referring masks into regions of
+its own kind. `caption_results` fills caption <TextArea>s with the image's caption and `choices_results` fills
+<Choices> with the choices whose texts the model ranks highest for the image (docs/token_outputs.md).
 
 Scores
 - A region's score is its class probability times its mask quality (the mean mask probability over
@@ -13,23 +15,34 @@ Scores
   so images with low-confidence regions or large unlabelled (void) parts come first: they are the
   ones where an annotator's corrections add the most. Referring-only results score the mean of their
   region scores. A task with nothing found scores 0, so it is served early too.
+- A caption's score is the geometric mean of its greedy tokens' probabilities (xdecoder.Caption.score); a choices
+  result's is the probability of the chosen choices, summed (one choice: its probability), in a softmax over the
+  control's choices.
+- Captions and choices enter the task's score only when the task asks for no masks (a captioning or classification
+  project): the fine-tuning that active learning feeds learns masks, so where masks are asked, the task's score stays
+  the masks' alone and a confident caption cannot hide an uncertain segmentation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from xdecoder import Prediction
+from xdecoder import Caption, Prediction, TextRanking
 from xdecoder.image import nearest_indices
 
-from .brush import mask_to_rle
-from .label_config import ControlSpec, ImageSpec
+from .brush import mask_to_png_data_url, mask_to_rle
+from .label_config import ChoiceSpec, ChoicesSpec, ControlSpec, ImageSpec
 from .polygons import Polygon, PolygonOptions, label_map_polygons, mask_polygons, to_percent
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,21 +130,21 @@ class PolygonOutput(ControlOutput):
         return self.region(label, score, {"points": points, "closed": True}, prompt)
 
 
-class BrushOutput(ControlOutput):
-    kind = "brushlabels"
+class PixelMaskOutput(ControlOutput):
+    """Regions painted pixel by pixel, at the image's size; subclasses say how the mask is written."""
 
     def panoptic(self, id_map: np.ndarray, segments) -> list[dict]:
         segments = [segment for segment in segments if self.accepts(segment.label)]
         id_map = self._at_image_size(id_map) if segments else id_map
         return [
-            self._brush_region(id_map == segment.id, segment.label, segment.score * segment.mask_score)
+            self._mask_region(id_map == segment.id, segment.label, segment.score * segment.mask_score)
             for segment in segments
         ]
 
     def referring(self, region: ReferringRegion) -> list[dict]:
         if not region.mask.any():
             return []
-        return [self._brush_region(self._at_image_size(region.mask), region.label, region.score, region.prompt)]
+        return [self._mask_region(self._at_image_size(region.mask), region.label, region.score, region.prompt)]
 
     def _at_image_size(self, array: np.ndarray) -> np.ndarray:
         """A map made smaller than the image (XDECODER_RESULT_MAX_PIXELS), resized to it: each image pixel takes
@@ -141,8 +154,31 @@ class BrushOutput(ControlOutput):
             return array
         return array[nearest_indices(height, self.height)[:, None], nearest_indices(width, self.width)]
 
-    def _brush_region(self, mask: np.ndarray, label: str, score: float, prompt: str | None = None) -> dict:
-        return self.region(label, score, {"format": "rle", "rle": mask_to_rle(mask)}, prompt)
+    def _mask_region(self, mask: np.ndarray, label: str, score: float, prompt: str | None = None) -> dict:
+        return self.region(label, score, self.encode(mask), prompt)
+
+    @staticmethod
+    def encode(mask: np.ndarray) -> dict:
+        raise NotImplementedError
+
+
+class BrushOutput(PixelMaskOutput):
+    kind = "brushlabels"
+
+    @staticmethod
+    def encode(mask: np.ndarray) -> dict:
+        return {"format": "rle", "rle": mask_to_rle(mask)}
+
+
+class BitmaskOutput(PixelMaskOutput):
+    kind = "bitmasklabels"
+
+    @staticmethod
+    def encode(mask: np.ndarray) -> dict:
+        return {"imageDataURL": mask_to_png_data_url(mask)}
+
+
+PIXEL_MASK_OUTPUTS: dict[str, type[PixelMaskOutput]] = {"brushlabels": BrushOutput, "bitmasklabels": BitmaskOutput}
 
 
 def image_regions(
@@ -168,7 +204,7 @@ def image_regions(
     outputs = [
         PolygonOutput(c, image, width, height, ids, options=options, map_size=map_size)
         if c.kind == "polygonlabels"
-        else BrushOutput(c, image, width, height, ids)
+        else PIXEL_MASK_OUTPUTS[c.kind](c, image, width, height, ids)
         for c in controls
     ]
     regions: list[dict] = []
@@ -196,8 +232,99 @@ def _scaled_to(options: PolygonOptions, map_size: tuple[int, int], image_size: t
     return dataclasses.replace(options, min_area_px=options.min_area_px * ratio)
 
 
-def task_score(prediction: Prediction | None, referring: list[ReferringRegion]) -> float:
-    """See the module docstring: low = the model is unsure = serve first."""
+@dataclass(frozen=True)
+class ChoicePolicy:
+    """How many choices a choice="multiple" <Choices> gets: those of probability at least `min_probability`, at most
+    `top_k` of them, and always the most probable one."""
+
+    top_k: int
+    min_probability: float
+
+
+def caption_results(image: ImageSpec, caption: Caption | None, ids: RegionIds) -> list[dict]:
+    """A `textarea` result with the caption for each caption TextArea of `image`; none for an empty caption (a
+    caption that ended at its first token), which would only clear the TextArea."""
+    if caption is None or not caption.text.strip():
+        return []
+    return [
+        {
+            "id": ids.next(area),
+            "from_name": area,
+            "to_name": image.name,
+            "type": "textarea",
+            "score": round(float(caption.score), 6),
+            "value": {"text": [caption.text.strip()]},
+        }
+        for area in image.caption_areas
+    ]
+
+
+def rank_texts(image: ImageSpec, task_data: Mapping[str, Any]) -> list[str]:
+    """The texts to rank for the Choices of `image` in one task: every choice's texts, each once (a blank one, as
+    `<Choice value=" "/>` gives, is not ranked: its choice never wins)."""
+    texts = [text for control in image.choices for choice in control.choices(task_data) for text in choice.texts]
+    return list(dict.fromkeys(text for text in texts if text.strip()))
+
+
+def choice_probabilities(choices: Sequence[ChoiceSpec], ranking: TextRanking) -> np.ndarray:
+    """[C] float64: each choice's probability in a softmax over `choices` alone. A choice reads as its texts, whose
+    probabilities add up (as labels' synonyms do). `ranking` may rank more texts (other controls' too): a softmax
+    over a subset is the full softmax renormalised over it."""
+    index = {text: i for i, text in enumerate(ranking.texts)}
+    mass = np.array(
+        [sum(float(ranking.probabilities[index[text]]) for text in choice.texts if text in index) for choice in choices]
+    )
+    total = mass.sum()
+    return mass / total if total > 0 else np.full(len(choices), 1.0 / len(choices))
+
+
+def choices_results(
+    image: ImageSpec,
+    task_data: Mapping[str, Any],
+    ranking: TextRanking | None,
+    ids: RegionIds,
+    policy: ChoicePolicy,
+    task_id: Any = None,
+) -> list[dict]:
+    """A `choices` result for each <Choices> of `image` that has choices in this task (a control without any is
+    logged and gets nothing). `ranking` ranks `rank_texts(image, task_data)`."""
+    results = []
+    for control in image.choices:
+        choices = control.choices(task_data)
+        if not choices:
+            where = f'the task data field "{control.data_field}"' if control.data_field else "its <Choice> tags"
+            logger.warning('task %s: <Choices name="%s"> has no choices in %s: no result', task_id, control.name, where)
+            continue
+        if ranking is None:
+            continue
+        picked, score = _pick(choice_probabilities(choices, ranking), control, policy)
+        results.append(
+            {
+                "id": ids.next(control.name),
+                "from_name": control.name,
+                "to_name": image.name,
+                "type": "choices",
+                "score": round(score, 6),
+                "value": {"choices": [choices[i].value for i in picked]},
+            }
+        )
+    return results
+
+
+def _pick(probabilities: np.ndarray, control: ChoicesSpec, policy: ChoicePolicy) -> tuple[list[int], float]:
+    """The chosen choices, most probable first, and the result's score: their probability, summed."""
+    order = [int(i) for i in np.argsort(-probabilities, kind="stable")]
+    picked = order[:1]
+    if control.multiple:
+        picked = [i for i in order[: policy.top_k] if probabilities[i] >= policy.min_probability] or picked
+    return picked, float(probabilities[picked].sum())
+
+
+def task_score(
+    prediction: Prediction | None, referring: list[ReferringRegion], text_scores: Sequence[float] = ()
+) -> float:
+    """See the module docstring: low = the model is unsure = serve first. `text_scores`: the scores of the image's
+    caption and choices results, which count only when no masks were asked (no panoptic labels, no prompts)."""
     parts = []
     if prediction is not None and prediction.panoptic is not None:
         panoptic = prediction.panoptic
@@ -205,4 +332,6 @@ def task_score(prediction: Prediction | None, referring: list[ReferringRegion]) 
         parts.append(sum(s.area * s.score * s.mask_score for s in panoptic.segments) / area if area else 0.0)
     if referring:
         parts.append(float(np.mean([r.score for r in referring])))
+    if not parts and text_scores:
+        parts.append(float(np.mean(text_scores)))
     return round(float(np.mean(parts)), 6) if parts else 0.0

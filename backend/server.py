@@ -147,9 +147,12 @@ def create_app(
 
     @app.post("/setup", dependencies=[Depends(require_auth)])
     async def setup(payload: SetupRequest, request: Request) -> dict:
-        ProjectSpec.parse(payload.schema_)  # refuse unusable configs when the project connects
+        spec = ProjectSpec.parse(payload.schema_)  # refuse unusable configs when the project connects
         project = project_id(payload.project)
         version = request.app.state.service.current_version(project)
+        # Not refused: Label Studio calls /setup before every batch, and a refusal would stop the masks too.
+        if uncaptioned := request.app.state.service.no_caption_reason(spec, version):
+            logger.warning("/setup, project %s: %s", project, uncaptioned)
         if project is not None:  # Label Studio is told to show this version (docs/label_studio_sync.md)
             await run_in_threadpool(sync_label_studio_soon, request.app.state.redis, project, version.name)
         return {"model_version": version.name}

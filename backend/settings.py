@@ -71,7 +71,17 @@ class Settings(BaseSettings):
     both_controls_output: Literal["polygons", "brush", "both"] = env(
         "XDECODER_BOTH_CONTROLS",
         "polygons",
-        description="what to fill when an image has both PolygonLabels and BrushLabels",
+        description="what to fill when an image has both PolygonLabels and BrushLabels (or BitmaskLabels)",
+    )
+    choices_top_k: int = env(
+        "XDECODER_CHOICES_TOP_K", 3, ge=1, description='most choices a choice="multiple" <Choices> gets'
+    )
+    choices_min_probability: float = env(
+        "XDECODER_CHOICES_MIN_PROBABILITY",
+        0.2,
+        ge=0,
+        le=1,
+        description='probability a choice="multiple" choice needs (the most probable one is always chosen)',
     )
 
     # --- fetching task images

@@ -1,6 +1,9 @@
-"""Tests for backend.brush: brush RLE both ways, and rasterising Label Studio polygons."""
+"""Tests for backend.brush: brush RLE and bitmask PNG data URLs both ways, and rasterising Label Studio polygons."""
 
 from __future__ import annotations
+
+import base64
+import io
 
 import numpy as np
 import pytest
@@ -9,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from label_studio_sdk.converter.brush import decode_from_annotation
+from PIL import Image
 
-from backend.brush import mask_to_rle, polygon_to_mask, rle_to_mask
+from backend.brush import mask_to_png_data_url, mask_to_rle, png_data_url_to_mask, polygon_to_mask, rle_to_mask
 
 small_masks = st.tuples(st.integers(1, 24), st.integers(1, 24)).flatmap(
     lambda shape: arrays(np.bool_, shape, elements=st.booleans())
@@ -155,3 +159,49 @@ def test_neighbours_sharing_a_diagonal_split_the_pixels_on_it():
 def test_polygon_to_mask_refuses_bad_polygons(points, message):
     with pytest.raises(ValueError, match=message):
         polygon_to_mask(points, 10, 10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(small_masks)
+def test_bitmask_png_round_trip(mask):
+    url = mask_to_png_data_url(mask)
+    assert url.startswith("data:image/png;base64,")
+    np.testing.assert_array_equal(png_data_url_to_mask(url, *mask.shape), mask)
+
+
+def test_bitmask_png_is_the_mask_in_the_alpha_channel_at_the_image_size():
+    """What the editor reads: a PNG of the image's size, alpha above 0 exactly on the mask (any colour)."""
+    mask = np.zeros((30, 40), bool)
+    mask[5:20, 10:35] = True
+    encoded = mask_to_png_data_url(mask).removeprefix("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as image:
+        assert image.format == "PNG" and image.size == (40, 30)
+        alpha = np.asarray(image.convert("RGBA"))[:, :, 3]
+    np.testing.assert_array_equal(alpha, mask.astype(np.uint8) * 255)
+
+
+def test_bitmask_drawn_in_the_editor_is_read_where_its_alpha_is_above_zero():
+    """The editor saves its canvas as an RGBA PNG: black strokes with anti-aliased (partly transparent) edges."""
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[1, 1:4, 3] = (40, 255, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    expected = np.zeros((4, 5), bool)
+    expected[1, 1:4] = True
+    np.testing.assert_array_equal(png_data_url_to_mask(url, 4, 5), expected)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("data:image/jpeg;base64,AAAA", "not a PNG data URL"),
+        ("data:image/png;base64,not base64!", "not a PNG data URL"),
+        ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not a PNG data URL"),
+        (mask_to_png_data_url(np.ones((3, 3), bool)), "the PNG is 3x3, expected 5x4"),
+    ],
+)
+def test_bad_bitmask_data_urls_are_refused(url, message):
+    with pytest.raises(ValueError, match=message):
+        png_data_url_to_mask(url, 4, 5)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import logging
 import threading
 import weakref
 
 import pytest
 import torch
+from PIL import Image
 
 from backend import inference
-from backend.brush import rle_to_mask
+from backend.brush import png_data_url_to_mask, rle_to_mask
 from backend.inference import ModelService, cpu_quota, use_cpu_threads
 from backend.label_config import ProjectSpec
+from backend.results import choice_probabilities
 from backend.versions import VersionRegistry, project_id
 from tests.standin_ls import png
+from xdecoder import Predictor
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -238,3 +243,114 @@ def test_the_model_computes_with_the_configured_threads_else_torchs_capped_by_th
     monkeypatch.setattr(inference, "cpu_quota", lambda: None)
     assert use_cpu_threads(settings) == 8 and torch.get_num_threads() == 8
     assert use_cpu_threads(settings.model_copy(update={"threads": 1})) == 1  # the setting goes over the quota too
+
+
+# --- captions, choices and bitmasks from one image pass (issue #18)
+
+TOKEN_CONFIG = """<View>
+  <Image name="image" value="$image" smoothing="false"/>
+  <PolygonLabels name="label" toName="image"><Label value="Car"/><Label value="Sky"/></PolygonLabels>
+  <BitmaskLabels name="mask" toName="image"><Label value="Car"/><Label value="Sky"/></BitmaskLabels>
+  <TextArea name="caption" toName="image" caption="true"/>
+  <Choices name="scene" toName="image"><Choice value="Street" predicted_values="a street,a road"/>
+    <Choice value="Beach"/></Choices>
+  <Choices name="tags" toName="image" choice="multiple" value="$tags"/>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def captioning_model():
+    from tests.helpers import tiny_model
+
+    return tiny_model(seed=3, captioning=True)
+
+
+def test_one_image_pass_fills_masks_bitmasks_the_caption_and_choices(
+    settings, label_studio, captioning_model, caplog, monkeypatch
+):
+    settings = settings.model_copy(update={"both_controls_output": "both", "choices_top_k": 2})
+    service = ModelService(settings, model=captioning_model)
+    tags = [{"value": "Dog"}, {"value": "Car", "predicted_values": "car,automobile"}, "Tree"]
+    tasks = [
+        {"id": 1, "data": {"image": label_studio.upload("tok-1.png", png(64, 48, seed=1)), "tags": tags}},
+        {"id": 2, "data": {"image": label_studio.upload("tok-2.png", png(64, 48, seed=2))}},  # no tags: logged
+    ]
+    calls = []
+    predict = Predictor.predict
+
+    def recorded(self, images, **kwargs):
+        calls.append((len(images), kwargs["caption"], tuple(kwargs["rank_texts"]), tuple(kwargs["labels"])))
+        return predict(self, images, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", recorded)
+    with caplog.at_level(logging.WARNING):
+        predictions = service.predict(tasks, ProjectSpec.parse(TOKEN_CONFIG), project=None).predictions
+    service.close()
+
+    # One model call per image (batch size 1), asking for everything at once; the tasks' Choices differ, so the
+    # ranked texts do too.
+    assert calls == [
+        (1, True, ("a street", "a road", "Beach", "Dog", "car", "automobile", "Tree"), ("Car", "Sky")),
+        (1, True, ("a street", "a road", "Beach"), ("Car", "Sky")),
+    ]
+    assert '<Choices name="tags"> has no choices in the task data field "tags"' in caplog.text
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+    predictor = service.predictor(service.current_version(None))
+    for task, prediction in zip(tasks, predictions, strict=True):
+        by_type = {}
+        for region in prediction.result:
+            by_type.setdefault(region["type"], []).append(region)
+        assert {"polygonlabels", "bitmasklabels", "textarea", "choices"} <= set(by_type), task["id"]
+        for region in by_type["bitmasklabels"]:
+            assert png_data_url_to_mask(region["value"]["imageDataURL"], 48, 64).any()
+
+        image = label_studio.files[task["data"]["image"]][0]
+        picture = Image.open(io.BytesIO(image))
+        expected_caption = predictor.caption(picture)
+        (caption,) = by_type["textarea"]
+        assert caption["from_name"] == "caption"
+        assert caption["value"] == {"text": [expected_caption.text]}
+        assert caption["score"] == pytest.approx(expected_caption.score, abs=1e-6)
+
+        scene = next(r for r in by_type["choices"] if r["from_name"] == "scene")
+        ranking = predictor.rank(picture, ["a street", "a road", "Beach"])
+        street, beach = choice_probabilities(ProjectSpec.parse(TOKEN_CONFIG).images[0].choices[0].choices({}), ranking)
+        assert scene["value"] == {"choices": ["Street" if street >= beach else "Beach"]}
+        assert scene["score"] == pytest.approx(max(street, beach), abs=1e-5)
+        # Masks are asked, so the task's score is the masks' alone (the caption and choices are not in it).
+        mask_only = service_score_without_texts(prediction.result)
+        assert prediction.score == pytest.approx(mask_only, abs=1e-6)
+    assert [r["from_name"] for r in predictions[1].result if r["type"] == "choices"] == ["scene"]
+    tags_result = next(r for r in predictions[0].result if r["from_name"] == "tags")
+    assert 1 <= len(tags_result["value"]["choices"]) <= 2
+
+
+def service_score_without_texts(result: list[dict]) -> float:
+    """The panoptic score of a result: sum(area * score) / image area, from the bitmask regions' masks."""
+    bitmasks = [r for r in result if r["type"] == "bitmasklabels"]
+    area = sum(png_data_url_to_mask(r["value"]["imageDataURL"], 48, 64).sum() * r["score"] for r in bitmasks)
+    return area / (48 * 64)
+
+
+def test_a_model_that_cannot_caption_still_predicts_the_rest_and_says_why(service, tasks, caplog):
+    assert not service.base_model.can_caption
+    with caplog.at_level(logging.WARNING):
+        (prediction,) = service.predict(tasks[:1], ProjectSpec.parse(TOKEN_CONFIG), project=None).predictions
+
+    assert prediction.error is None and prediction.model_version == "tiny"
+    types = {region["type"] for region in prediction.result}
+    assert "textarea" not in types and {"polygonlabels", "choices"} <= types
+    why = service.base_model.caption_support  # "official captioning needs at least 77 queries ..."
+    assert f"caption TextAreas (caption) get no caption: model tiny cannot caption ({why})" in caplog.text
+
+
+def test_an_interactive_prompt_gets_its_mask_only_not_the_caption_or_choices(settings, label_studio, captioning_model):
+    config = TOKEN_CONFIG.replace('caption="true"/>', 'caption="true"/><TextArea name="prompt" toName="image"/>')
+    service = ModelService(settings, model=captioning_model)
+    task = {"id": 9, "data": {"image": label_studio.upload("tok-9.png", png(64, 48, seed=9))}}
+    context = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea", "value": {"text": ["car"]}}]}
+    (prediction,) = service.predict([task], ProjectSpec.parse(config), project=None, context=context).predictions
+    service.close()
+
+    assert prediction.result and {region["type"] for region in prediction.result} == {"polygonlabels"}

@@ -12,6 +12,8 @@ import pytest
 
 from backend.label_config import (
     DEFAULT_PROMPT_FIELD,
+    ChoiceSpec,
+    ChoicesSpec,
     ControlSpec,
     ImageSpec,
     LabelConfigError,
@@ -130,6 +132,42 @@ def test_combined_config_keeps_the_referring_label_out_of_panoptic() -> None:
     assert prompts(image, {"prompt": "the red car"}) == [("the red car", "Referred object", "data")]
 
 
+def test_captioning_config_fills_the_caption_only() -> None:
+    image = only_image((CONFIGS / "image_captioning.xml").read_text())
+
+    assert (image.controls, image.prompt_areas, image.choices) == ((), (), ())
+    assert image.caption_areas == ("caption",)
+
+
+def test_classification_config_has_a_single_and_a_multiple_choice() -> None:
+    image = only_image((CONFIGS / "image_classification.xml").read_text())
+
+    assert (image.controls, image.prompt_areas, image.caption_areas) == ((), (), ())
+    scene, tags = image.choices
+    assert (scene.name, scene.multiple, tags.name, tags.multiple) == ("scene", False, "tags", True)
+    assert [choice.value for choice in scene.choices({})] == ["Street", "Indoor", "Nature", "Beach"]
+    assert scene.choices({})[0].texts == ("a street", "a road with cars")
+
+
+def test_panoptic_caption_and_tags_config_fills_all_three_and_takes_no_prompts() -> None:
+    image = only_image((CONFIGS / "panoptic_polygons_caption_tags.xml").read_text())
+
+    (control,) = image.polygon_controls
+    assert [label.value for label in control.panoptic_labels][:3] == ["Person", "Bicycle", "Car"]
+    assert image.prompt_areas == () and image.caption_areas == ("caption",)
+    (tags,) = image.choices
+    assert tags.multiple and [choice.value for choice in tags.choices({})][:2] == ["Street", "Park"]
+
+
+def test_bitmask_config_fills_bitmask_labels() -> None:
+    image = only_image((CONFIGS / "panoptic_bitmask.xml").read_text())
+
+    assert image.polygon_controls == ()
+    (control,) = image.brush_controls
+    assert (control.name, control.kind) == ("label", "bitmasklabels")
+    assert [label.value for label in control.labels if label.stuff] == ["Sky", "Road", "Grass", "Tree", "Building"]
+
+
 def readme_snippets() -> list[str]:
     return re.findall(r"```xml\n(.*?)```", (CONFIGS / "README.md").read_text(), re.DOTALL)
 
@@ -137,8 +175,20 @@ def readme_snippets() -> list[str]:
 def test_readme_snippets_parse() -> None:
     images = [only_image(snippet) for snippet in readme_snippets()]
 
-    assert len(images) == 5
-    assert [image.referring_label for image in images] == [None, None, "Referred object", "Referred object", "Car"]
+    assert len(images) == 7
+    assert [image.referring_label for image in images] == [
+        None,
+        None,
+        "Referred object",
+        "Referred object",
+        "Car",
+        None,
+        None,
+    ]
+    segment_and_caption, tags = images[5:]
+    assert segment_and_caption.caption_areas == ("caption",)
+    assert [area.name for area in segment_and_caption.prompt_areas] == ["prompt"]
+    assert [(choices.name, choices.multiple) for choices in tags.choices] == [("tags", True)]
 
 
 # --- what Label Studio really sent
@@ -439,8 +489,11 @@ def test_controls_may_point_at_several_images_inside_nested_views() -> None:
         "outline", "polygonlabels", (LabelSpec("Car", ("Car",), stuff=False), LabelSpec("Sky", ("Sky",), stuff=True))
     )
     paint = ControlSpec("paint", "brushlabels", (LabelSpec("Road", ("Road",), stuff=True),))
+    quality = ChoicesSpec(
+        "quality", multiple=False, static_choices=(ChoiceSpec("good", ("good",)), ChoiceSpec("bad", ("bad",)))
+    )
     assert spec.images == (
-        ImageSpec("left", "left", (outline,), (), prompt_areas=(), referring_label=None),
+        ImageSpec("left", "left", (outline,), (), prompt_areas=(), referring_label=None, choices=(quality,)),
         ImageSpec("right", "right", (outline,), (paint,), (PromptSpec("prompt", "prompt"),), referring_label=None),
     )
 
@@ -448,7 +501,8 @@ def test_controls_may_point_at_several_images_inside_nested_views() -> None:
 def test_images_without_a_supported_control_are_left_out() -> None:
     spec = ProjectSpec.parse(
         '<View><Image name="photo" value="$photo"/><Image name="thumb" value="$thumb"/>'
-        '<Choices name="c" toName="thumb"><Choice value="ok"/></Choices>'
+        '<RectangleLabels name="box" toName="thumb"><Label value="Car"/></RectangleLabels>'
+        '<Choices name="c" toName="thumb" perRegion="true"><Choice value="ok"/></Choices>'
         '<PolygonLabels name="label" toName="photo"><Label value="Car"/></PolygonLabels></View>'
     )
 
@@ -471,8 +525,8 @@ def test_images_without_a_supported_control_are_left_out() -> None:
         (
             '<View><Image name="image" value="$image"/>'
             '<RectangleLabels name="box" toName="image"><Label value="Car"/></RectangleLabels>'
-            '<TextArea name="prompt" toName="image"/></View>',
-            r'No <PolygonLabels> or <BrushLabels> is attached to an <Image> \(toName="image"\)',
+            '<TextArea name="note" toName="image" perRegion="true"/></View>',
+            r'<BitmaskLabels>, <TextArea> or <Choices> is attached to an <Image> \(toName="image"\)',
         ),
         (
             '<View><Image name="image" value="$image"/><PolygonLabels name="label" toName="image"/></View>',
@@ -507,3 +561,128 @@ def test_unsupported_configs_say_what_to_change(config: str | None, message: str
 
 def test_label_config_error_is_a_value_error() -> None:
     assert issubclass(LabelConfigError, ValueError)
+
+
+# --- BitmaskLabels, caption TextAreas and Choices (issue #18)
+
+
+def test_bitmask_labels_are_pixel_mask_controls() -> None:
+    spec = ProjectSpec.parse(
+        '<View><Image name="image" value="$image" smoothing="false"/>'
+        '<BitmaskLabels name="mask" toName="image"><Label value="Car" alias="car"/><Label value="Sky"/></BitmaskLabels>'
+        "</View>"
+    )
+
+    (image,) = spec.images
+    assert image.polygon_controls == ()
+    (control,) = image.brush_controls
+    assert control.kind == "bitmasklabels"
+    assert [(label.value, label.texts, label.stuff) for label in control.labels] == [
+        ("car", ("Car",), False),
+        ("Sky", ("Sky",), True),
+    ]
+
+
+def caption_and_prompt_areas(text_areas: str, masks: bool = True) -> tuple[tuple[str, ...], list[str]]:
+    controls = '<PolygonLabels name="label" toName="image"><Label value="Car"/></PolygonLabels>' if masks else ""
+    (image,) = ProjectSpec.parse(f'<View><Image name="image" value="$image"/>{controls}{text_areas}</View>').images
+    return image.caption_areas, [area.name for area in image.prompt_areas]
+
+
+@pytest.mark.parametrize(
+    ("text_areas", "masks", "captions", "prompts"),
+    [
+        # Over an image with a mask control, a TextArea is a prompt source unless caption="true".
+        ('<TextArea name="ask" toName="image"/>', True, (), ["ask"]),
+        ('<TextArea name="ask" toName="image" showSubmitButton="true"/>', True, (), ["ask"]),
+        ('<TextArea name="ask" toName="image" value="$question"/>', True, (), ["ask"]),
+        (
+            '<TextArea name="ask" toName="image" showSubmitButton="true"/><TextArea name="cap" toName="image" '
+            'caption="true"/>',
+            True,
+            ("cap",),
+            ["ask"],
+        ),
+        ('<TextArea name="cap" toName="image" caption="TRUE" showSubmitButton="true"/>', True, ("cap",), []),
+        # Over an image with no mask control, prompts could go nowhere: a TextArea gets the caption.
+        ('<TextArea name="cap" toName="image"/>', False, ("cap",), []),
+        ('<TextArea name="cap" toName="image" showSubmitButton="true"/>', False, ("cap",), []),
+        ('<TextArea name="ask" toName="image" caption="false"/>', False, (), ["ask"]),
+        # A per-region TextArea describes regions: neither.
+        ('<TextArea name="note" toName="image" perRegion="true" caption="true"/>', True, (), []),
+    ],
+)
+def test_the_rule_that_tells_a_caption_text_area_from_a_prompt_text_area(text_areas, masks, captions, prompts) -> None:
+    assert caption_and_prompt_areas(text_areas, masks) == (captions, prompts)
+
+
+@pytest.mark.parametrize(
+    ("text_areas", "masks", "message"),
+    [
+        (
+            '<TextArea name="cap" toName="image" caption="true" value="$question"/>',
+            True,
+            r'<TextArea name="cap" toName="image" caption="true" value="\$question"> is ambiguous.*'
+            r'Remove value="\$question" to get the caption there, or remove caption="true"',
+        ),
+        (
+            '<TextArea name="ask" toName="image" value="$question"/>',
+            False,
+            r'<TextArea name="ask" toName="image" value="\$question"> is ambiguous.*Add caption="true"',
+        ),
+        ('<TextArea name="cap" toName="image" caption="yes"/>', True, r'<TextArea name="cap"> has caption="yes"'),
+    ],
+)
+def test_an_ambiguous_text_area_is_refused_with_what_to_change(text_areas, masks, message) -> None:
+    with pytest.raises(LabelConfigError, match=message):
+        caption_and_prompt_areas(text_areas, masks)
+
+
+def test_an_image_with_only_a_caption_text_area_and_choices_is_served() -> None:
+    spec = ProjectSpec.parse(
+        """<View>
+          <Image name="image" value="$image"/>
+          <TextArea name="caption" toName="image" rows="3"/>
+          <Choices name="scene" toName="image">
+            <Choice value="Indoor" predicted_values="a room,an indoor scene"/>
+            <Choice value="Outdoor" hint="street, landscape"/>
+            <Choice value="Underwater" alias="water"/>
+          </Choices>
+          <Choices name="tags" toName="image" choice="multiple"><Choice value="Dog"/><Choice value="Cat"/></Choices>
+        </View>"""
+    )
+
+    (image,) = spec.images
+    assert image.controls == () and image.prompt_areas == ()
+    assert image.caption_areas == ("caption",)
+    scene, tags = image.choices
+    assert (scene.name, scene.multiple, tags.name, tags.multiple) == ("scene", False, "tags", True)
+    assert scene.choices({}) == (
+        ChoiceSpec("Indoor", ("a room", "an indoor scene")),
+        ChoiceSpec("Outdoor", ("street", "landscape")),
+        ChoiceSpec("water", ("Underwater",)),
+    )
+
+
+def test_dynamic_choices_are_read_from_the_task_data() -> None:
+    (image,) = ProjectSpec.parse(
+        '<View><Image name="image" value="$image"/><Choices name="pick" toName="image" value="$options"/></View>'
+    ).images
+    (choices,) = image.choices
+
+    assert choices.static_choices == () and choices.data_field == "options"
+    options = [
+        {"value": "Red car", "predicted_values": "red car,crimson car"},
+        {"value": "Blue car", "alias": "blue"},
+        "Truck",
+        {"value": "Red car"},  # a repeated value is offered once
+        {"value": ""},
+        {"html": "<b>no value</b>"},
+        7,
+    ]
+    assert choices.choices({"options": options}) == (
+        ChoiceSpec("Red car", ("red car", "crimson car")),
+        ChoiceSpec("blue", ("Blue car",)),
+        ChoiceSpec("Truck", ("Truck",)),
+    )
+    assert choices.choices({}) == () and choices.choices({"options": "Truck"}) == ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
+import logging
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from pydantic import SecretStr
 from rq import Queue
 
 from backend import metrics
-from backend.brush import rle_to_mask
+from backend.brush import png_data_url_to_mask, rle_to_mask
+from backend.inference import ModelService
 from backend.label_config import ProjectSpec
 from backend.preannotate import CHUNK_SIZE
 from backend.server import create_app
@@ -93,6 +95,52 @@ def test_setup_refuses_configs_without_images_clearly(client):
     response = client.post("/setup", json=payload)
     assert response.status_code == 400
     assert "<Image>" in response.json()["error"]
+
+
+CAPTION_AND_TAGS = """<View>
+  <Image name="image" value="$image" smoothing="false"/>
+  <BitmaskLabels name="mask" toName="image"><Label value="Car"/><Label value="Sky"/></BitmaskLabels>
+  <TextArea name="caption" toName="image" caption="true"/>
+  <Choices name="tags" toName="image" choice="multiple"><Choice value="Car"/><Choice value="Sky"/></Choices>
+</View>"""
+
+
+def test_setup_refuses_an_ambiguous_text_area_saying_what_to_change(client):
+    schema = CAPTION_AND_TAGS.replace('caption="true"/>', 'caption="true" value="$question"/>')
+    response = client.post("/setup", json=reference_payload("setup.json") | {"schema": schema})
+    assert response.status_code == 400
+    assert 'Remove value="$question" to get the caption there, or remove caption="true"' in response.json()["error"]
+
+
+def test_setup_accepts_captions_on_a_model_that_cannot_caption_and_logs_why(client, caplog):
+    with caplog.at_level(logging.WARNING, logger="backend.server"):
+        response = client.post("/setup", json=reference_payload("setup.json") | {"schema": CAPTION_AND_TAGS})
+    assert response.status_code == 200 and response.json() == {"model_version": "tiny"}
+    assert "caption TextAreas (caption) get no caption: model tiny cannot caption (official captioning" in caplog.text
+
+
+def test_predict_fills_bitmask_labels_the_caption_and_choices(settings, label_studio, image_url):
+    service = ModelService(settings, model=tiny_model(seed=3, captioning=True))
+    with TestClient(create_app(settings, service=service)) as captioning_client:
+        response = predict(captioning_client, [{"id": 1, "data": {"image": image_url}}], CAPTION_AND_TAGS)
+    service.close()
+
+    assert response.status_code == 200
+    (prediction,) = response.json()["results"]
+    by_type = {}
+    for region in prediction["result"]:
+        by_type.setdefault(region["type"], []).append(region)
+    assert set(by_type) == {"bitmasklabels", "textarea", "choices"}
+    for region in by_type["bitmasklabels"]:
+        assert set(region["value"]) == {"imageDataURL", "bitmasklabels"}
+        assert region["value"]["bitmasklabels"][0] in ("Car", "Sky")
+        assert png_data_url_to_mask(region["value"]["imageDataURL"], 64, 96).any()
+    (caption,) = by_type["textarea"]
+    assert caption["from_name"] == "caption" and caption["value"]["text"][0].strip()
+    assert 0 < caption["score"] <= 1
+    (tags,) = by_type["choices"]
+    assert tags["from_name"] == "tags" and set(tags["value"]["choices"]) <= {"Car", "Sky"}
+    assert 0 < tags["score"] <= 1
 
 
 # ---------------------------------------------------------------------------------------- predict
