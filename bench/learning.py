@@ -82,7 +82,8 @@ def bad_corrections(scene, first_id: int) -> list[Correction]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the corrections, the test images and the shuffling")
+    parser.add_argument("--pretrain-seed", type=int, default=0, help="of the pre-trained model (cached per seed)")
     parser.add_argument("--corrections", type=int, default=40)
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "xdecoder-ls")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.time()
 
-    model = pretrain_tiny_model(args.seed, steps=args.pretrain_steps, cache_dir=args.cache_dir, log_every=100)
+    model = pretrain_tiny_model(args.pretrain_seed, steps=args.pretrain_steps, cache_dir=args.cache_dir, log_every=100)
     pretrained_s = time.time() - started
     spec = ProjectSpec.parse(LABEL_CONFIG)
     vocabulary = PanopticVocabulary.of(spec.images[0].controls)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     changes = [after["per_class_iou"][label] - before["per_class_iou"][label] for label in LABELS]
     figures = {
         "seed": args.seed,
+        "pretrain_seed": args.pretrain_seed,
         "iou_before": before["miou"],
         "iou_after": after["miou"],
         "gain_points": round(after["miou"] - before["miou"], 2),

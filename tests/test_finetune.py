@@ -11,6 +11,7 @@ import pytest
 import torch
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
+from rich.console import Console
 from rq import Queue
 from safetensors.torch import load_file
 
@@ -30,7 +31,7 @@ from backend.finetune import (
 from backend.label_config import PanopticVocabulary, ProjectSpec
 from backend.learning import request_finetune
 from backend.queues import TRAIN
-from backend.status import collect
+from backend.status import collect, render
 from backend.versions import VersionRegistry
 from backend.worker import ModelWorker
 from tests.helpers import backend_settings
@@ -136,6 +137,12 @@ def test_a_fine_tune_that_does_better_is_stored_and_served(worker_context, label
     assert worker_context.store.count(PROJECT) == 9  # kept: a later fine-tune tries them again
     shown = collect(worker_context.settings, worker_context.redis, "test")["projects"][str(PROJECT)]
     assert sorted(shown["excluded"]) == ["7", "8", "9"] and shown["last_finetune"]["version"] == served.name
+    gate = shown["last_finetune"]["gate"]  # the figures of both versions and the decision, in status
+    assert gate["decision"].startswith("served: mean IoU") and gate == served.metrics["gate"]
+    assert set(gate["candidate"]["per_class_iou"]) == set(gate["parent"]["per_class_iou"]) == {"Sky", "Ground", "Box"}
+    console = Console(record=True, width=400)
+    render(collect(worker_context.settings, worker_context.redis, "test"), console)
+    assert f"project {PROJECT}: last fine-tune's gate: served: mean IoU" in console.export_text()
     meta = worker_context.store.meta(PROJECT)
     assert meta["finetune_status"] == "served" and meta["finetune_progress"] == "done"
 
