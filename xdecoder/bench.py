@@ -3,9 +3,15 @@
     python -m xdecoder.bench                       # CPU, 2 threads, 512x683 input
     python -m xdecoder.bench --device cuda         # adds bf16 throughput on a GPU
     python -m xdecoder.bench --merge-size 3000x4000 --merge-queries 20   # the panoptic merge for a 12 MP photo
+    python -m xdecoder.bench --caption-reference   # adds the official 50-step captioning loop (slow on CPU)
 
 Measures: panoptic segmentation (6 labels, class embeddings cached), referring with 2 prompts, both
-from one encoding, class-name embeddings for 6 labels (first time and cached), and peak memory.
+from one encoding, class-name embeddings for 6 labels (first time and cached), the caption (alone, and
+what it adds to panoptic), what ranking 8 tags adds to panoptic, and peak memory.
+Captions: the random weights never choose the end token, so every caption runs all 50 steps (the most a
+caption costs); `caption_decoding_s` is the decoding alone, after the image pass; with
+--caption-reference the same decoding written as the official code does it (the whole decoder re-run
+every step) is timed once, and `caption_tokens_identical` says whether both chose the same tokens.
 Times are medians over --repeats runs after one warm-up. The last line printed is one JSON object
 with every figure (seconds and MB), for scripts.
 
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from . import postprocess
+from .captioning import greedy_captions, reference_greedy_captions
 from .config import XDecoderConfig
 from .model import build_model
 from .predictor import Predictor
@@ -34,6 +41,7 @@ from .text import ClassEmbeddingCache
 
 LABELS = ["person", "dog", "car", "sky", "grass", "wall"]
 PROMPTS = ["the red car on the left", "a dog lying on the grass"]
+TAGS = ["indoor", "outdoor", "people", "animal", "vehicle", "food", "night", "city street"]
 TARGETS_CPU = {"panoptic_s": 2.6, "class_embeddings_first_s": 2.5, "class_embeddings_cached_s": 0.010}
 
 
@@ -82,6 +90,34 @@ def panoptic_merge(predictor: Predictor, image: np.ndarray, output_size: tuple[i
     return lambda: postprocess.panoptic(probs, masks, is_thing, geometry, 0.8, 0.8)
 
 
+def caption_and_tags(predictor: Predictor, image: np.ndarray, repeats: int, reference: bool, panoptic_s: float) -> dict:
+    """Caption and tag (ranking) figures; see the module docstring. panoptic_s: the panoptic time they add to."""
+    model = predictor.model
+    steps = model.config.decoder.captioning_steps
+    results = {}
+    results["caption_s"], _ = timed(lambda: predictor.caption(image), repeats)
+    results["panoptic_and_caption_s"], _ = timed(lambda: predictor.predict(image, labels=LABELS, caption=True), repeats)
+    results["panoptic_and_tags_s"], _ = timed(lambda: predictor.predict(image, labels=LABELS, rank_texts=TAGS), repeats)
+    results["caption_extra_s"] = results["panoptic_and_caption_s"] - panoptic_s
+    results["tags_extra_s"] = results["panoptic_and_tags_s"] - panoptic_s
+    results["tags"] = len(TAGS)
+    with torch.inference_mode():
+        batch = model.prepare_images([torch.tensor(predictor.prepare(image).resized).permute(2, 0, 1)])
+        features = model.encode_image(batch.pixels)
+        context = model.decode(features, None, caption_context=True).caption_context
+    ours = greedy_captions(model.decoder, context, steps)
+    results["caption_steps"] = ours.steps
+    results["caption_decoding_s"], _ = timed(lambda: greedy_captions(model.decoder, context, steps), repeats)
+    if reference:
+        pixel = features.pixel
+        start = time.perf_counter()
+        official = reference_greedy_captions(model.decoder, pixel.multi_scale, pixel.mask_features, ours.steps)
+        results["caption_reference_decoding_s"] = time.perf_counter() - start
+        results["caption_tokens_identical"] = bool(torch.equal(official.token_buffer, ours.token_buffer))
+        results["caption_speedup"] = results["caption_reference_decoding_s"] / results["caption_decoding_s"]
+    return results
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -97,12 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpu-batch", type=int, default=8)
     parser.add_argument("--merge-size", help="HEIGHTxWIDTH: also time the panoptic merge at this output size")
     parser.add_argument("--merge-queries", type=int, default=20, help="queries the merge keeps (default 20)")
+    parser.add_argument(
+        "--caption-reference", action="store_true", help="also time the official 50-step captioning loop (once)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build_model(XDecoderConfig.focalt()).eval().to(device)
+    with torch.no_grad():  # build_model leaves the captioning head at zero: every logit would tie
+        model.decoder.caping_embed.normal_(std=0.02)
     predictor = Predictor(model, autocast=False, embedding_cache=ClassEmbeddingCache())
     image = synthetic_image(args.height, args.width)
     results: dict = {
@@ -123,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["panoptic_and_referring_s"], _ = timed(
         lambda: predictor.predict(image, labels=LABELS, prompts=PROMPTS), args.repeats
     )
+    results |= caption_and_tags(predictor, image, args.repeats, args.caption_reference, results["panoptic_s"])
     if args.merge_size:
         height, width = (int(side) for side in args.merge_size.lower().split("x"))
         merge = panoptic_merge(predictor, image, (height, width), args.merge_queries)
