@@ -162,9 +162,10 @@ class LabelStudioAPI:
                     "basic_auth_user": settings.basic_auth_user,
                     "basic_auth_pass": settings.basic_auth_pass.get_secret_value(),
                 }
-            # Label Studio checks the backend again on every change, which needs its URL (and credentials).
+            # Label Studio checks the backend again on every change (health, then setup), which needs its URL, its
+            # project and its credentials in the request (1.23.2 answers 500 without the project).
             with self._call(f"ML backend {backend.id} of project {project}"):
-                self.client.ml.update(id=backend.id, url=backend.url, title=version, **auth)
+                self.client.ml.update(id=backend.id, url=backend.url, project=project, title=version, **auth)
             changed.append(f"ML backend {backend.id} title {backend.title!r} -> {version!r}")
         with self._call(f"project {project}"):
             current = self.client.projects.get(id=project).model_version
