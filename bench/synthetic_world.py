@@ -89,15 +89,14 @@ class Scene:
     image: np.ndarray
     regions: list[dict] = field(default_factory=list)
 
-    def target(self, with_prompts: bool = True) -> SegmentationTarget:
-        """The scene's panoptic target (label indices into LABELS), resolved as the backend resolves corrections."""
+    def target(self) -> SegmentationTarget:
+        """The scene's panoptic target (label indices into LABELS) and referring prompts, resolved as the backend
+        resolves corrections."""
         from backend.finetune import regions_to_target
         from backend.label_config import PanopticVocabulary, ProjectSpec
 
         image = ProjectSpec.parse(LABEL_CONFIG).images[0]
-        vocabulary = PanopticVocabulary.of(image.controls)
-        target = regions_to_target(self.regions, image, vocabulary, self.image.shape)
-        return target if with_prompts else SegmentationTarget(target.labels, target.masks)
+        return regions_to_target(self.regions, image, PanopticVocabulary.of(image.controls), self.image.shape)
 
 
 def polygon_region(label: str, points: np.ndarray, size: int) -> dict:
