@@ -49,6 +49,7 @@ THREADS_HELP = (
     "CPU threads of the model (default: XDECODER_THREADS, else the cores); "
     "give the server and the workers that share a CPU machine a share each"
 )
+LONG_RUNNING = ("serve", "worker")  # the commands that say what became of the embedded Redis when they stop
 console = Console()
 errors = Console(stderr=True)
 
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.log_level:
             settings = settings.model_copy(update={"log_level": args.log_level})
         configure_logging(settings.log_level)
+        from .queues import set_role
+
+        set_role(args.command)
         return handler(settings, args) or 0
     except RedisError as error:
         errors.print(f"[red]error:[/] {_redis_location(settings)}: {error}", highlight=False)
@@ -128,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted; jobs already queued go on in the workers")
         return 130
+    finally:
+        if settings is not None:
+            _release_embedded_redis(settings, args.command in LONG_RUNNING)
 
 
 # Libraries' INFO lines that say nothing an operator needs (every HTTP request httpx sends: each Label Studio call
 # and image download), shown only at DEBUG.
-CHATTY_LIBRARIES = ("httpx", "httpcore")
+CHATTY_LIBRARIES = ("httpx", "httpx2", "httpcore")  # httpx2: huggingface_hub's
 # RQ's worker lines shown only at DEBUG: routine maintenance (every XDECODER_WORKER_MAINTENANCE seconds) and the
 # result retention of every job.
 RQ_ROUTINE = ("cleaning registries", "cleaning group registries", "result is kept for")
@@ -154,6 +161,33 @@ def configure_logging(level: str) -> None:
     hub_root = hub_logging.get_logger()
     for handler in list(hub_root.handlers):
         hub_root.removeHandler(handler)
+
+
+def _release_embedded_redis(settings: Settings, say_what_happened: bool) -> None:
+    """Stop the embedded Redis when no other process uses it (the last xdecoder-ls process to exit stops it, and
+    the next one to need it starts it again: nothing is left running that nobody uses). A server or worker that
+    leaves it running says for whom and how to stop it."""
+    from .queues import client_name, embedded_redis
+
+    embedded = embedded_redis(settings)
+    if embedded is None:
+        return
+    try:
+        others = embedded.release(client_name())
+    except (RedisError, OSError, RuntimeError) as error:
+        errors.print(f"the embedded Redis under {embedded.folder} was not stopped: {error}", highlight=False)
+        return
+    if not say_what_happened:
+        return
+    if others:
+        errors.print(
+            f"The embedded Redis keeps running for {', '.join(others)}; it stops when the last xdecoder-ls process "
+            f"using it exits. To stop it now (its data is saved): {embedded.stop_command}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        errors.print(f"Stopped the embedded Redis ({embedded.folder}): no other process uses it.", highlight=False)
 
 
 def _positive(text: str) -> int:
@@ -266,9 +300,11 @@ def _finetune(settings: Settings, args) -> int:
 
 
 def _versions(settings: Settings, args) -> int:
+    from .learning import served_version_changed
     from .versions import VersionRegistry
 
     registry = VersionRegistry(settings.model_dir, settings.checkpoint)
+    registry.on_served_change = lambda project, version: served_version_changed(settings, project, version)
     if args.project is not None:
         _check_project_exists(settings, registry, args.project)
     if args.serve:
@@ -300,11 +336,9 @@ def _versions(settings: Settings, args) -> int:
             "status": v.status,
             "served": v.name in served_names,
             "parent": v.parent,
-    from .learning import served_version_changed
             "created_at": v.created_at,
             "trained_on": v.trained_on,
             "metrics": v.metrics,
-    registry.on_served_change = lambda project, version: served_version_changed(settings, project, version)
         }
         for v in versions
     ]

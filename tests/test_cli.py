@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
+import pty
 import re
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from redis import Redis
 from rq import Queue
 
-from backend.queues import shown_redis_url
+from backend.queues import EmbeddedRedis, shown_redis_url
 from backend.versions import VersionRegistry
 from tests.helpers import subprocess_env
 from tests.standin_ls import png
@@ -25,8 +34,8 @@ CONFIG = """<View><Image name="image" value="$image"/>
 <TextArea name="prompt" toName="image"/></View>"""
 
 
-def run(settings, *args: str) -> subprocess.CompletedProcess:
-    env = subprocess_env(settings)
+def run(settings, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = subprocess_env(settings, **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True)
 
 
@@ -327,3 +336,127 @@ def test_status_before_the_first_correction_says_what_to_expect(settings, redis)
         "webhook actions received and ignored: TASKS_CREATED x2 (nothing to worry about: Label Studio's webhook "
         "sends every action, and only annotation events and START_TRAINING teach the model)"
     ) in out
+
+
+def test_the_embedded_redis_stops_with_the_last_process_that_uses_it(settings, tmp_path):
+    embedded = settings.model_copy(update={"redis_url": None, "model_dir": tmp_path / "m"})
+    server = EmbeddedRedis(tmp_path / "m" / "redis")
+    assert run(embedded, "status").returncode == 0
+    assert not server.running()  # started for the command, stopped after it: nothing else used it
+
+    server.ensure_running()
+    other = Redis(unix_socket_path=str(server.socket), client_name="a-dashboard")
+    other.set("kept", "yes")
+    try:
+        worker = run(embedded, "worker", "--queues", "events", "--burst")
+        assert worker.returncode == 0, worker.stderr
+        message = " ".join(worker.stderr.split())
+        assert "The embedded Redis keeps running for a-dashboard; it stops when the last xdecoder-ls process" in message
+        assert f"To stop it now (its data is saved): {server.stop_command}" in message
+        assert server.running()
+    finally:
+        other.close()
+    worker = run(embedded, "worker", "--queues", "events", "--burst")
+    assert f"Stopped the embedded Redis ({server.folder}): no other process uses it." in " ".join(worker.stderr.split())
+    assert not server.running()
+    server.ensure_running()
+    assert Redis(unix_socket_path=str(server.socket)).get("kept") == b"yes"  # saved when it stopped
+    server.stop()
+
+
+class StandInHub:
+    """A stand-in Hugging Face Hub (HF_ENDPOINT) serving one file, or answering 503 to everything."""
+
+    def __init__(self, content: bytes | None):
+        digest = hashlib.sha256(content or b"").hexdigest()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self) -> bool:
+                if content is None:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return False
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("ETag", f'"{digest}"')
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                return True
+
+            def do_GET(self):
+                if self.do_HEAD():
+                    self.wfile.write(content)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_in_a_terminal(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    """The command's output as a 100x40 terminal shows it (stdout and stderr on one pseudo-terminal)."""
+    main_end, command_end = pty.openpty()
+    fcntl.ioctl(command_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    command = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", *args], env=env, stdin=command_end, stdout=command_end,
+        stderr=command_end,
+    )  # fmt: skip
+    os.close(command_end)
+    output = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main_end, 65536)
+        except OSError:  # the command exited and its end of the terminal closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    command.wait(timeout=30)
+    os.close(main_end)
+    return output.decode(errors="replace")
+
+
+def test_a_hub_download_shows_its_progress_and_each_retry_warning_once(settings, tmp_path):
+    checkpoint = Path(settings.checkpoint).read_bytes()
+    from_the_hub = settings.model_copy(
+        update={"checkpoint": "tiny.safetensors", "redis_url": f"redis://127.0.0.1:{closed_port()}/0"}
+    )
+    hub = StandInHub(checkpoint)
+    try:
+        env = subprocess_env(from_the_hub, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hub"))
+        env.pop("HF_HUB_OFFLINE", None)
+        env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        shown = run_in_a_terminal(env, "worker", "--queues", "predict", "--burst")
+    finally:
+        hub.close()
+    assert "fetching tiny.safetensors from the Hugging Face Hub" in shown
+    assert re.search(r"tiny\.safetensors: 100%\|█+\| [\d.]+M/[\d.]+M", shown), shown
+    assert "loaded tiny.safetensors on cpu" in shown
+
+    down = StandInHub(None)
+    try:
+        result = run(
+            from_the_hub,
+            "worker",
+            "--queues",
+            "predict",
+            "--burst",
+            extra_env={"HF_ENDPOINT": down.url, "HF_HUB_CACHE": str(tmp_path / "hub2")},
+        )
+    finally:
+        down.close()
+    assert result.returncode == 2
+    assert result.stderr.count("Retrying in 1s [Retry 1/5]") == 1, result.stderr
+    assert result.stderr.count("HTTP Error 503 thrown while requesting HEAD") == 6, result.stderr
+    assert "HTTP Request" not in result.stderr
+    assert "error: checkpoint tiny.safetensors could not be downloaded from the Hugging Face Hub" in " ".join(
+        result.stderr.split()
+    )
