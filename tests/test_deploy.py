@@ -209,6 +209,17 @@ def test_the_docker_build_context_holds_what_the_dockerfile_copies():
     assert dockerfile_env()["MALLOC_ARENA_MAX"] == "2"
 
 
+def test_every_command_of_the_image_starts_through_the_preflight():
+    """The image's entrypoint logs what is missing, then runs the command: the compose services' commands go through
+    it, so a missing token is one line at start of the server and the worker alike."""
+    (entrypoint,) = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT")]
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT")) == ["python", "-m", "backend.preflight", "--then"]
+    for config in gpu_and_cpu_configs().values():
+        for name, service in our_services(config).items():
+            assert "entrypoint" not in service, name
+            assert service["command"][0] == "xdecoder-ls", name
+
+
 # ------------------------------------------------------------------------------------------ the compose health check
 @pytest.fixture
 def preflight_settings(monkeypatch):
