@@ -9,8 +9,10 @@ s = 0 .. steps-1, re-encodes the whole buffer with the (causal) text encoder, ap
 Three facts make most of that work constant, and this module skips it (same tokens, logits within float noise):
   * object and class queries never attend to caption queries (`self_attn_mask`), so their states are those of
     the plain decoder pass: computed once (`CaptionContext`), also serving panoptic and referring;
-  * caption queries cross-attend to the whole memory (their attention-mask rows are all zeros), so each layer's
-    memory keys and values are projected once per image, not once per step;
+  * caption queries cross-attend to the whole memory (their attention-mask rows are all zeros), and a step has
+    one query per image: rather than projecting the memory to keys and values (per layer: 2 x h*w x C^2
+    multiply-adds), the query is projected into the memory's space and the attended memory back (per step:
+    2 x heads x h*w x C, 1/64 of that for Focal-T), the same function up to rounding;
   * caption queries are causal among themselves and the text encoder is causal, so position s depends only on
     tokens 0..s, which do not change after step s - 1: each step encodes and decodes ONE new position, reusing
     the keys and values of the earlier ones (text encoder and decoder self-attention), and decoding stops
@@ -92,15 +94,11 @@ class IncrementalCaptionDecoder:
         self.num_queries = context.object_pos.shape[1]
         self.length = 0  # positions decoded so far
         self.text_cache: list[KeyValues] | None = None
-        self.memory_keys_values = []
+        # Per level: what the memory's keys and values are projected from: [B, h*w, C] each.
+        self.memory_keys = [memory + pos for memory, pos in zip(context.memories, context.memory_pos, strict=True)]
+        self.memory_values = context.memories
         self.self_keys, self.self_values = [], []
-        layers = zip(decoder.transformer_cross_attention_layers, decoder.transformer_self_attention_layers, strict=True)
-        for i, (cross, self_attn) in enumerate(layers):
-            level = i % NUM_LEVELS
-            memory = context.memories[level]
-            self.memory_keys_values.append(
-                cross.multihead_attn.project_keys_values(memory + context.memory_pos[level], memory)
-            )
+        for i, self_attn in enumerate(decoder.transformer_self_attention_layers):
             states = context.object_states[i]
             keys, values = self_attn.self_attn.project_keys_values(states + context.object_pos, states)
             # Room for every caption position after the object queries' keys and values.
@@ -144,9 +142,7 @@ class IncrementalCaptionDecoder:
             strict=True,
         )
         for i, (cross, self_attn, ffn) in enumerate(layers):
-            memory_keys, memory_values = self.memory_keys_values[i]
-            attention = cross.multihead_attn
-            attended = attention.attend(attention.query_projection(x + query_pos), memory_keys, memory_values)
+            attended = self._attend_memory(cross.multihead_attn, x + query_pos, i % NUM_LEVELS)
             x = cross.norm(x + attended)
             attention = self_attn.self_attn
             q, k, v = attention.project(x + query_pos, x + query_pos, x)
@@ -158,6 +154,24 @@ class IncrementalCaptionDecoder:
                 outputs.append(self._head(x))
         self.length += count
         return outputs if all_layers else [self._head(x)]
+
+    def _attend_memory(self, attention, query: Tensor, level: int) -> Tensor:
+        """Unmasked cross-attention of queries [B, n, C] to a level's memory -> [B, n, C], with the projections
+        moved to the query side: score = q_h . (W_k,h key + b_k,h) = (q_h W_k,h) . key + (the same for every key,
+        which softmax ignores); sum of weights x (W_v,h value + b_v,h) = W_v,h (sum of weights x value) + b_v,h."""
+        batch, count, dim = query.shape
+        heads = attention.num_heads
+        head_dim = dim // heads
+        weight, bias = attention.in_proj_weight, attention.in_proj_bias
+        key_weight = weight[dim : 2 * dim].view(heads, head_dim, dim)
+        value_weight = weight[2 * dim :].view(heads, head_dim, dim)
+        q = attention.query_projection(query) * head_dim**-0.5  # [B, heads, n, C / heads]
+        q_memory = torch.einsum("bhnd,hdc->bhnc", q, key_weight).reshape(batch, heads * count, dim)
+        scores = q_memory @ self.memory_keys[level].transpose(1, 2)  # [B, heads * n, h*w]
+        mixed = scores.float().softmax(dim=-1).to(q_memory.dtype) @ self.memory_values[level]
+        out = torch.einsum("bhnc,hdc->bhnd", mixed.view(batch, heads, count, dim), value_weight)
+        out = out + bias[2 * dim :].view(heads, 1, head_dim)
+        return attention.out_proj(out.transpose(1, 2).flatten(2))
 
     def _head(self, x: Tensor) -> Tensor:
         """Caption queries' states [B, n, C] -> caption embeddings [B, n, D]."""
