@@ -6,9 +6,10 @@
     xdecoder-ls finetune     fine-tune a project's model on its corrections now
     xdecoder-ls versions     list (or serve) model versions
     xdecoder-ls status       queues, workers, corrections, fine-tunes
-    xdecoder-ls bench        the benchmarks (model, polygons, server, queue)
+    xdecoder-ls bench        the benchmarks (model, polygons, server, queue, memory, learning)
 
-Configuration comes from the environment (see backend/settings.py and the README).
+Configuration comes from the environment (see backend/settings.py and docs/configuration.md); docs/operations.md
+says what the output means.
 """
 
 from __future__ import annotations
@@ -55,52 +56,90 @@ errors = Console(stderr=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xdecoder-ls", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="xdecoder-ls",
+        description="The X-Decoder ML backend for Label Studio: its server, its workers, and the commands that "
+        "pre-annotate, fine-tune and show what it is doing.",
+        epilog="Configuration comes from the environment (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, MODEL_DIR, "
+        "REDIS_URL, XDECODER_*; docs/configuration.md). `xdecoder-ls COMMAND --help` describes a command; "
+        "docs/operations.md says what the logs and messages mean.",
+    )
     parser.add_argument(
         "--log-level", type=str.upper, choices=LOG_LEVELS, help="default: LOG_LEVEL from the environment, else INFO"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
-    serve = commands.add_parser("serve", help="run the ML backend server")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=9090)
+    def command(name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=summary, description=description or summary[0].upper() + summary[1:] + "."
+        )
+
+    serve = command(
+        "serve",
+        "run the ML backend server that Label Studio connects to",
+        "Runs the ML backend server (Label Studio's /predict, /setup, /webhook ...) with the model loaded once.",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=9090, help="port to listen on (default: %(default)s)")
     serve.add_argument("--threads", type=_positive, help=THREADS_HELP)
 
-    worker = commands.add_parser("worker", help="run queued jobs with the model loaded once")
-    worker.add_argument("--queues", default="events,predict,train", help="comma-separated: events,predict,train")
-    worker.add_argument("--device", help="cpu, cuda, cuda:1 ... (one worker per GPU)")
+    worker = command(
+        "worker",
+        "run queued jobs: webhook events, pre-annotation, fine-tunes",
+        "Runs queued jobs with the model loaded once. Start at least one next to the server.",
+    )
+    worker.add_argument("--queues", default="events,predict,train", help="comma-separated (default: %(default)s)")
+    worker.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: XDECODER_DEVICE; one worker per GPU)")
     worker.add_argument("--threads", type=_positive, help=THREADS_HELP)
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
-    worker.add_argument("--name")
+    worker.add_argument("--name", help="the worker's name in `status` (default: xdecoder-HOST-RANDOM)")
 
-    pre = commands.add_parser("preannotate", help="pre-annotate a project through the workers")
-    pre.add_argument("--project", type=int, required=True)
+    pre = command(
+        "preannotate",
+        "pre-annotate a project's tasks through the workers",
+        "Queues a project's tasks for the workers and shows their progress; lists the tasks that failed and why. "
+        "Running it again predicts only the tasks without a prediction of the served model version.",
+    )
+    pre.add_argument("--project", type=int, required=True, metavar="ID", help="the Label Studio project")
     pre.add_argument("--tasks", default="all", help="all, missing (no prediction at all), or ids: 1,2,3")
     pre.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a referring prompt (repeatable)")
-    pre.add_argument("--detach", action="store_true", help="enqueue and return at once")
+    pre.add_argument("--detach", action="store_true", help="queue the tasks and return at once")
 
-    tune = commands.add_parser("finetune", help="fine-tune a project on its corrections")
-    tune.add_argument("--project", type=int, required=True)
-    tune.add_argument("--detach", action="store_true", help="enqueue and return at once")
+    tune = command(
+        "finetune",
+        "fine-tune a project's model on its corrections now",
+        "Queues a fine-tune of a project on its corrections and waits for a train worker to run it.",
+    )
+    tune.add_argument("--project", type=int, required=True, metavar="ID", help="the Label Studio project")
+    tune.add_argument("--detach", action="store_true", help="queue the fine-tune and return at once")
 
-    versions = commands.add_parser(
+    versions = command(
         "versions",
-        help="list model versions, or serve one",
-        description="Lists model versions; * marks what --project serves (without --project, the base's * means: "
+        "list model versions, or serve one",
+        "Lists model versions; * marks what --project serves (without --project, the base's * means: "
         "served for the projects without a fine-tune of their own).",
     )
-    versions.add_argument("--project", type=int)
+    versions.add_argument("--project", type=int, metavar="ID", help="only this project's versions")
     versions.add_argument(
         "--serve", metavar="VERSION", help="serve this version for its project (the base: roll --project back to it)"
     )
-    versions.add_argument("--json", action="store_true")
+    versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    status = commands.add_parser("status", help="queues, workers, corrections, fine-tunes")
-    status.add_argument("--json", action="store_true")
+    status = command(
+        "status",
+        "show queues, workers, projects, fine-tunes and pre-annotation runs",
+        "Shows where Redis is, the queues and workers, each project's corrections, fine-tunes and served version, "
+        "and the latest pre-annotation runs with their failed tasks.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    bench = commands.add_parser("bench", help="run a benchmark; prints one JSON line of figures last")
+    bench = command(
+        "bench",
+        "run a benchmark; prints one JSON line of figures last",
+        "Runs one of the benchmarks (docs/benchmarks.md); they need a source checkout. The last line is JSON.",
+    )
     bench.add_argument("which", choices=["model", "polygons", "server", "queue", "memory", "learning"])
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (`bench WHICH --help`)")
 
     args = parser.parse_args(argv)
     handler = {

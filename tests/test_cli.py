@@ -39,11 +39,28 @@ def run(settings, *args: str, extra_env: dict[str, str] | None = None) -> subpro
     return subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True)
 
 
+COMMANDS = ("serve", "worker", "preannotate", "finetune", "versions", "status", "bench")
+
+
 def test_help_lists_every_command(settings):
     result = run(settings, "--help")
     assert result.returncode == 0
-    for command in ("serve", "worker", "preannotate", "finetune", "versions", "status", "bench"):
-        assert command in result.stdout
+    for command in COMMANDS:
+        assert re.search(rf"^    {command} +[a-z]", result.stdout, re.MULTILINE), result.stdout  # with a summary
+    assert "`xdecoder-ls COMMAND --help` describes a command" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_commands_help_describes_it_and_every_option(settings, command):
+    result = run(settings, command, "--help", extra_env={"COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    usage, description, *_ = result.stdout.split("\n\n")
+    assert usage.startswith(f"usage: xdecoder-ls {command}") and description[0].isupper() and description.endswith(".")
+    options = result.stdout.split("options:\n", 1)[1].splitlines()
+    for index, line in enumerate(options):
+        if line.startswith("  -"):  # an option, with its help on the same line or indented on the next
+            follows = options[index + 1] if index + 1 < len(options) else ""
+            assert re.search(r"\S  +\S", line) or follows.startswith(" " * 8), f"{command}: {line!r} has no help"
 
 
 def test_status_json_describes_redis_queues_and_projects(settings, redis):
