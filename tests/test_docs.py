@@ -109,19 +109,21 @@ def test_variables_named_in_the_docs_are_settings_or_listed_as_outside_them():
         assert not named - known, f"{page} names variables nothing reads: {named - known}"
 
 
-def subcommands(capsys, *argv: str) -> list[str]:
-    """The choices of the positional argument of `xdecoder-ls ... --help`, which argparse lists as `  {a,b,c}`."""
-    with pytest.raises(SystemExit):
-        main([*argv, "--help"])
-    return re.search(r"^ +\{([\w,-]+)\}$", capsys.readouterr().out, flags=re.MULTILINE).group(1).split(",")
+def choices(capsys, *argv: str) -> list[str]:
+    """The choices `xdecoder-ls ...` offers for its next argument, from argparse's refusal of one it does not know."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "no-such-choice"])
+    assert exit_.value.code == 2
+    offered = re.search(r"\(choose from (.*)\)", capsys.readouterr().err).group(1)
+    return [name.strip(" '") for name in offered.split(",")]
 
 
 def test_commands_page_lists_every_command_and_benchmark(capsys):
     text = (ROOT / "docs/commands.md").read_text()
-    commands = subcommands(capsys)
+    commands = choices(capsys)
     assert {"serve", "worker", "bench"} <= set(commands)
     assert [name for name in commands if f"| `{name}" not in text] == []
     bench_row = next(line for line in text.splitlines() if line.startswith("| `bench "))
-    benchmarks = subcommands(capsys, "bench")
+    benchmarks = choices(capsys, "bench")
     assert "model" in benchmarks
     assert [name for name in benchmarks if name not in bench_row] == []
