@@ -24,11 +24,11 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # benchmark measures it). Read when torch loads OpenMP, so it is set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .memory import cap_malloc_arenas  # noqa: E402
+from .memory import tune_malloc  # noqa: E402
 
-# Two malloc arenas (unless MALLOC_ARENA_MAX is set): the server's memory stays flat under concurrent requests
-# (backend/memory.py). Before any thread starts.
-cap_malloc_arenas()
+# Two malloc arenas and a fixed mmap threshold (unless MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_ are set): the
+# server's memory stays flat under concurrent requests (backend/memory.py). Before any thread starts.
+tune_malloc()
 
 import argparse  # noqa: E402
 import json  # noqa: E402

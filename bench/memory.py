@@ -2,13 +2,14 @@
 5 % of each other).
 
     python bench/memory.py [--rounds 8 --concurrency 32 --model focalt]      (or: xdecoder-ls bench memory)
-    MALLOC_ARENA_MAX=64 python bench/memory.py                                (glibc's arenas nearly uncapped: before)
+    MALLOC_ARENA_MAX=64 MALLOC_MMAP_THRESHOLD_=33554432 python bench/memory.py    (about glibc's defaults: before)
 
 The server runs as its own process through the CLI, as a user starts it (so what the CLI does at process start, the
-malloc arena cap of backend/memory.py, is part of what is measured); a MALLOC_ARENA_MAX set for this command reaches
-the server and wins over the cap. Each round posts `--concurrency` one-task /predict calls at once (each a task of its
-own, the same 683x512 image from a stand-in Label Studio) and reads the server's VmRSS from /proc when all have been
-answered. `--model focalt` is Focal-T with random weights (the real model's size), `tiny` the tests' tiny model.
+malloc tuning of backend/memory.py, is part of what is measured); MALLOC_ARENA_MAX and MALLOC_MMAP_THRESHOLD_ set for
+this command reach the server and win over that tuning. Each round posts `--concurrency` one-task /predict calls at
+once (each a task of its own, the same 683x512 image from a stand-in Label Studio) and reads the server's VmRSS from
+/proc when all have been answered. `--model focalt` is Focal-T with random weights (the real model's size), `tiny` the
+tests' tiny model.
 
     rss_mb          VmRSS after each round, in MB
     spread_after_1  (max - min) / min over rounds 2 to the last
@@ -45,6 +46,7 @@ from xdecoder import XDecoderConfig, build_model, save_checkpoint  # noqa: E402
 from xdecoder.bench import synthetic_image  # noqa: E402
 
 CONFIG = (ROOT / "label_config" / "panoptic_polygons.xml").read_text()
+MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")
 
 
 def resident_mb(pid: int) -> float:
@@ -74,9 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     url = stand_in.upload("bench.png", buffer.getvalue())
     settings = backend_settings(checkpoint, folder / "models", stand_in.url, REDIS_URL=redis_server.ensure_running())
     env = subprocess_env(settings)
-    env.pop("MALLOC_ARENA_MAX", None)
-    if "MALLOC_ARENA_MAX" in os.environ:
-        env["MALLOC_ARENA_MAX"] = os.environ["MALLOC_ARENA_MAX"]
+    malloc = {name: os.environ[name] for name in MALLOC_VARIABLES if name in os.environ}
+    env = {name: value for name, value in env.items() if name not in MALLOC_VARIABLES} | malloc
     port = free_port()
     log = folder / "serve.log"
     command = [sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--threads", str(args.threads)]
@@ -112,7 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)  # fmt: skip
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
         stand_in.close()
         redis_server.stop()
     later = rss[1:] or rss
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "rounds": args.rounds,
         "concurrency": args.concurrency,
-        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "2 (xdecoder-ls default)"),
+        "malloc": malloc or "xdecoder-ls defaults",
         "rss_mb": rss,
         "spread_after_1": round((max(later) - min(later)) / min(later), 4),
         "round_s": seconds,

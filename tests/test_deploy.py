@@ -207,6 +207,7 @@ def test_the_docker_build_context_holds_what_the_dockerfile_copies():
     assert all((ROOT / source).exists() for source in sources)
     assert "pip install -c locks/product.txt ." in (ROOT / "Dockerfile").read_text()
     assert dockerfile_env()["MALLOC_ARENA_MAX"] == "2"
+    assert dockerfile_env()["MALLOC_MMAP_THRESHOLD_"] == "1048576"
 
 
 def test_every_command_of_the_image_starts_through_the_preflight():

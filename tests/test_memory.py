@@ -1,4 +1,4 @@
-"""The malloc arena cap (backend/memory.py) that keeps the server's memory flat under concurrent requests."""
+"""The malloc tuning (backend/memory.py) that keeps the server's memory flat under concurrent requests."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")
 
 # Eight threads allocate at once and hold what they got; glibc then prints one "Arena N:" block per arena it made.
 ARENAS_AFTER_THREADS = """
-import ctypes, ctypes.util, sys, threading
+import ctypes, ctypes.util, threading
 {setup}
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
@@ -26,26 +27,62 @@ for t in threads: t.join()
 libc.malloc_stats()
 """
 
+# A 2 MiB block is allocated and freed, then another: prints whether that one was mmapped (mallinfo2's hblks).
+MAPPED_AFTER_REUSE = """
+import ctypes, ctypes.util
+{setup}
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.free(ctypes.c_void_p(libc.malloc(2 << 20)))
+before = libc.mallinfo2().hblks
+block = libc.malloc(2 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+def run(script: str, setup: str, **environment: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES} | environment | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", script.format(setup=setup)], env=env, capture_output=True, text=True, check=True
+    )
+
 
 def arenas(setup: str, **environment: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | environment | {"PYTHONPATH": str(ROOT)}
-    script = ARENAS_AFTER_THREADS.format(setup=setup)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    return sum(line.startswith("Arena ") for line in done.stderr.splitlines())
+    printed = run(ARENAS_AFTER_THREADS, setup, **environment).stderr
+    return sum(line.startswith("Arena ") for line in printed.splitlines())
 
 
-def test_the_cap_keeps_a_threaded_process_at_two_arenas():
+def mapped_blocks(setup: str, **environment: str) -> int:
+    return int(run(MAPPED_AFTER_REUSE, setup, **environment).stdout)
+
+
+TUNE = "from backend.memory import tune_malloc; print(','.join(tune_malloc()), file=__import__('sys').stderr)"
+
+
+def test_two_arenas_for_a_threaded_process():
     assert arenas("") > 2  # glibc's default: an arena for each new thread, up to eight per core
-    assert arenas("from backend.memory import cap_malloc_arenas; assert cap_malloc_arenas()") == 2
+    assert arenas(TUNE) == 2
 
 
-def test_the_cli_caps_its_process_and_the_processes_it_starts():
+def test_large_blocks_stay_mapped_after_one_is_freed():
+    assert mapped_blocks("") == 0  # glibc's default: the free raised the threshold, the next block came from the heap
+    assert mapped_blocks(TUNE) == 1
+
+
+def test_the_cli_tunes_its_process_and_the_processes_it_starts():
     assert arenas("import backend.cli") == 2
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | {"PYTHONPATH": str(ROOT)}
-    child = "import backend.cli, os; print(os.environ['MALLOC_ARENA_MAX'])"
-    assert subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True).stdout == "2\n"
+    assert mapped_blocks("import backend.cli") == 1
+    child = "import backend.cli, os; print(os.environ['MALLOC_ARENA_MAX'], os.environ['MALLOC_MMAP_THRESHOLD_'])"
+    assert run(child, "").stdout == "2 1048576\n"
 
 
-def test_a_malloc_arena_max_the_user_set_wins():
-    setup = "from backend.memory import cap_malloc_arenas; assert not cap_malloc_arenas()"
-    assert arenas(setup, MALLOC_ARENA_MAX="3") == 3
+def test_variables_the_user_set_win():
+    assert arenas(TUNE, MALLOC_ARENA_MAX="3") == 3
+    assert mapped_blocks(TUNE, MALLOC_MMAP_THRESHOLD_="4194304") == 0  # 2 MiB is under the user's threshold
+    tuned = run(ARENAS_AFTER_THREADS, TUNE, MALLOC_ARENA_MAX="3").stderr.splitlines()[0]
+    assert tuned == "MALLOC_MMAP_THRESHOLD_"
