@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     worker.add_argument("--queues", default="events,predict,train", help="comma-separated (default: %(default)s)")
     worker.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: XDECODER_DEVICE; one worker per GPU)")
+    worker.add_argument(
+        "--devices",
+        help="cuda:0,cuda:1 ...: run each fine-tune data parallel over these devices (default: "
+        "XDECODER_TRAIN_DEVICES; unset: the worker's one device); see docs/distributed.md",
+    )
     worker.add_argument("--threads", type=_positive, help=THREADS_HELP)
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     worker.add_argument("--name", help="the worker's name in `status` (default: xdecoder-HOST-RANDOM)")
@@ -236,8 +241,12 @@ def _positive(text: str) -> int:
 
 
 def _with_flags(settings: Settings, args) -> Settings:
-    """`settings` with what the command's flags override (--device, --threads)."""
-    flags = {"device": getattr(args, "device", None), "threads": getattr(args, "threads", None)}
+    """`settings` with what the command's flags override (--device, --threads, --devices)."""
+    flags = {
+        "device": getattr(args, "device", None),
+        "threads": getattr(args, "threads", None),
+        "train_devices": getattr(args, "devices", None),
+    }
     return settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +29,11 @@ from xdecoder import Predictor, Vocabulary, XDecoderModel
 from xdecoder.checkpoint import with_replaced_weights
 from xdecoder.evaluation import SegmentationScores
 from xdecoder.image import to_rgb
-from xdecoder.training import Augmentation, FineTuneConfig, FineTuner, SegmentationTarget, trainable_parameters
+from xdecoder.training import FineTuneConfig, SegmentationTarget, trainable_parameters
 
 from .brush import polygon_to_mask, rle_to_mask
 from .corrections import Correction, CorrectionStore
+from .distributed import TrainingRun, train, train_on_devices, training_devices
 from .images import ImageFetchError
 from .label_config import ImageSpec, LabelConfigError, PanopticVocabulary, ProjectSpec
 from .learning import forget_rerun_request, release_claim
@@ -125,26 +125,45 @@ def fine_tune(
 ) -> dict[str, Any]:
     """Train a new version of `project` from `parent` (served by `served`) on `examples`, score both on the held-out
     ones, store it, and serve it or not by `judge`. Returns the job's summary; progress(**fields) hears how far."""
-    train, held_out = split_examples(examples)
-    scored = held_out or train  # nothing held out: the score is the fit, which still catches a broken run
+    train_examples, held_out = split_examples(examples)
+    scored = held_out or train_examples  # nothing held out: the score is the fit, which still catches a broken run
     model = trainable_copy(served.model)
     texts = Vocabulary.build(vocabulary.labels, vocabulary.stuff, vocabulary.synonyms)
-    class_embeddings = served.class_embeddings(list(texts.texts))
-    config = FineTuneConfig(learning_rate=settings.finetune_learning_rate, seed=project)
-    tuner = FineTuner(model, config, text_to_label=torch.tensor(texts.text_to_label))
-    augment = Augmentation() if settings.finetune_augment else None
-    steps = min(settings.finetune_max_steps, max(settings.finetune_min_steps, settings.finetune_epochs * len(train)))
-    order = random.Random(project)
+    steps = min(
+        settings.finetune_max_steps, max(settings.finetune_min_steps, settings.finetune_epochs * len(train_examples))
+    )
+    devices = training_devices(settings.train_devices)
+    run = TrainingRun(
+        model=model,
+        config=FineTuneConfig(learning_rate=settings.finetune_learning_rate, seed=project),
+        text_to_label=torch.tensor(texts.text_to_label),
+        class_embeddings=served.class_embeddings(list(texts.texts)),
+        inputs=[model_input(example, served) for example in train_examples],
+        steps=steps,
+        batch_size=max(1, len(devices)),  # one image per device and step
+        augment=settings.finetune_augment,
+    )
     losses: list[float] = []
-    for step in range(steps):
-        image, target = model_input(train[order.randrange(len(train))], served)
-        if augment is not None:
-            image, target = augment(image, target, tuner.generator)
-        losses.append(tuner.step([image], [target], class_embeddings)["loss"])
+
+    def on_step(step: int, steps: int, loss: float) -> None:
+        losses.append(loss)
         if (step + 1) % max(1, steps // LOGGED_UPDATES) == 0 or step + 1 == steps:
             recent = float(np.mean(losses[-10:]))
             progress(progress=f"{step + 1}/{steps}", loss=f"{recent:.4f}")
             logger.info("project %s fine-tune step %d/%d, loss %.4f", project, step + 1, steps, recent)
+
+    if len(devices) > 1:
+
+        def rank_progress(line: str) -> None:  # rank 0's "step/steps loss"
+            done, loss = line.split()
+            progress(progress=done, loss=loss)
+
+        trained = train_on_devices(run, devices, rank_progress)
+        with torch.no_grad():
+            for name, parameter in trainable_parameters(model).items():
+                parameter.copy_(trained[name])
+    else:
+        trained = train(run, on_step=on_step).trained_state()
 
     progress(progress="evaluating")
     before = evaluate(served, scored, vocabulary)
@@ -156,11 +175,12 @@ def fine_tune(
         "parent_miou": before["miou"],
         "miou": after["miou"],
         "held_out": len(held_out),
-        "train": len(train),
+        "train": len(train_examples),
         "steps": steps,
+        "devices": run.batch_size,
         "gate": gate,
     }
-    version = registry.create(project, tuner.trained_state(), parent.name, len(examples), metrics)
+    version = registry.create(project, trained, parent.name, len(examples), metrics)
     detail = decide_serving(registry, version, parent, refusal, bool(held_out))
     gate["decision"] = detail or f"served: {passed(before, after)}"
     registry.record_metrics(version)

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         le=100.0,
         description="IoU points any class with held-out pixels may lose in a fine-tuned version that is served",
     )
+    train_devices: str | None = env(
+        "XDECODER_TRAIN_DEVICES",
+        None,
+        description="e.g. cuda:0,cuda:1: each fine-tune runs data parallel over these (torch.distributed); unset: "
+        "one device, the worker's",
+    )
     finetune_learning_rate: float = env("XDECODER_FINETUNE_LR", 1e-4, gt=0, description="AdamW's, after warmup")
     finetune_augment: bool = env(
         "XDECODER_FINETUNE_AUGMENT", True, description="scale jitter, crop and flip of the corrections while training"

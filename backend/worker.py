@@ -10,10 +10,8 @@ worker per GPU with --device to share a multi-GPU machine.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -23,6 +21,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.worker import WorkerStatus
 
+from .distributed import die_with_parent, training_devices
 from .jobs import WorkerContext, set_context
 from .labelstudio import NotConfigured
 from .queues import PREDICT, QUEUE_NAMES, TRAIN, connect, queue
@@ -62,18 +61,6 @@ class ModelWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
 
-def _die_with_parent(parent: int) -> None:
-    """In a child forked by the worker (RQ's scheduler): exit when the worker dies.
-
-    Otherwise the child outlives a killed worker holding copies of its Redis sockets, so Redis never sees the
-    worker's blocking dequeue end, hands it the next job anyway, and that job waits for a maintenance pass.
-    """
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the worker died before the call above
-        os._exit(1)
-
-
 def run_worker(settings: Settings, queues: list[str], burst: bool = False, name: str | None = None) -> bool:
     """Work until stopped (or, with burst, until the queues are empty). Returns True if jobs ran."""
     unknown = sorted(set(queues) - set(QUEUE_NAMES))
@@ -81,9 +68,10 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False, name:
         raise ValueError(f"no queue to listen on; choose from {list(QUEUE_NAMES)}")
     if unknown:
         raise ValueError(f"unknown queues {unknown}; choose from {list(QUEUE_NAMES)}")
+    training_devices(settings.train_devices)  # a mistaken list fails here, not in the first fine-tune
     if sys.platform == "linux":
         worker_pid = os.getpid()
-        os.register_at_fork(after_in_child=lambda: _die_with_parent(worker_pid))
+        os.register_at_fork(after_in_child=lambda: die_with_parent(worker_pid))
     redis = connect(settings)
     context = WorkerContext(settings, redis)
     set_context(context)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -282,6 +282,20 @@ class SegmentationLoss:
         """output: decoded with `all_layer_masks=True` (and the prompts' grounding tokens, if any);
         targets: one per image; prompt_embeddings: per image the pooled prompt embeddings [P, D] (or
         None), with `language` for their similarity to the queries."""
+        return self.combine([self.sums(output, targets, prompt_embeddings, language, generator)])
+
+    def sums(
+        self,
+        output: DecoderOutput,
+        targets: Sequence[SegmentationTarget],
+        prompt_embeddings: Sequence[Tensor | None] = (),
+        language: LanguageEncoder | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """The terms of one share of a batch before their normalisation (arguments as `__call__`):
+        {"LAYER/TERM": (weighted sum, count)}; a term is the sum over all shares of the batch divided by the
+        count over all shares (`combine`), so a batch split across processes (or forwarded image by image)
+        gets the loss of the whole batch. Every share has the same keys: a term it has nothing for is (0, 0)."""
         if len(targets) != output.final.masks.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {output.final.masks.shape[0]} images")
         grounded = [i for i, embeddings in enumerate(prompt_embeddings) if embeddings is not None]
@@ -289,18 +303,41 @@ class SegmentationLoss:
             raise ValueError("the grounding loss needs the language encoder")
         padded_size = tuple(MASK_STRIDE * s for s in output.final.masks.shape[-2:])
         masks = [pad_masks(t.masks.to(output.final.masks.device), padded_size) for t in targets]
-        totals: dict[str, Tensor] = {}
+        sums: dict[str, tuple[Tensor, Tensor]] = {}
         first_grounded_layer = len(output.layers) - self.config.grounding_layers
         for index, layer in enumerate(output.layers):
             terms = self._panoptic_terms(layer, output.num_queries, targets, masks, generator)
-            if grounded and index >= first_grounded_layer:
+            if index >= first_grounded_layer:
                 terms |= self._grounding_terms(
                     layer, output.num_queries, targets, padded_size, prompt_embeddings, language, generator
                 )
-            for name, value in terms.items():
-                totals[name] = totals[name] + value if name in totals else value
-        totals["loss"] = sum(totals.values())
-        return totals
+            sums |= {f"{index}/{name}": value for name, value in terms.items()}
+        return sums
+
+    @staticmethod
+    def combine(
+        shares: Sequence[dict[str, tuple[Tensor, Tensor]]], sum_across: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The loss of a batch from the `sums` of its shares: the weighted terms summed over the outputs, and their
+        total "loss". sum_across(counts [K]) -> the counts summed over every process's shares (an all-reduce), when
+        `shares` are only this process's part of the batch. A term no share has anything for (the grounding terms
+        of a batch without prompts) adds 0 and is not listed."""
+        keys = list(shares[0])
+        counts = torch.stack([sum(share[key][1] for share in shares) for key in keys])
+        if sum_across is not None:
+            counts = sum_across(counts)
+        totals: dict[str, Tensor] = {}
+        loss: Tensor | int = 0
+        counted: set[str] = set()
+        for key, count in zip(keys, counts, strict=True):
+            name = key.split("/", 1)[1]
+            # A zero count comes with a zero sum: the term is then 0 (its graph kept, for zero gradients).
+            value = sum(share[key][0] for share in shares) / count.clamp(min=torch.finfo(count.dtype).tiny)
+            totals[name] = totals[name] + value if name in totals else value
+            loss = loss + value
+            if bool(count > 0):
+                counted.add(name)
+        return {name: value for name, value in totals.items() if name in counted} | {"loss": loss}
 
     def _panoptic_terms(
         self,
@@ -328,13 +365,15 @@ class SegmentationLoss:
             matched_targets.append(target_masks[i][matched])
         class_weights = torch.ones(background + 1, device=log_probs.device)
         class_weights[background] = config.background_weight
-        class_loss = F.nll_loss(log_probs.transpose(1, 2), classes, weight=class_weights)
-        num_masks = max(sum(len(t.labels) for t in targets), 1)
-        bce, dice = self._mask_terms(torch.cat(matched_logits), torch.cat(matched_targets), num_masks, generator)
+        # The weighted mean cross-entropy, as its sum and the sum of its weights.
+        class_loss = F.nll_loss(log_probs.transpose(1, 2), classes, weight=class_weights, reduction="sum")
+        class_count = class_weights[classes].sum()
+        num_masks = log_probs.new_tensor(float(sum(len(t.labels) for t in targets)))
+        bce, dice = self._mask_terms(torch.cat(matched_logits), torch.cat(matched_targets), generator)
         return {
-            "class": config.class_weight * class_loss,
-            "mask_bce": config.mask_weight * bce,
-            "mask_dice": config.dice_weight * dice,
+            "class": (config.class_weight * class_loss, class_count),
+            "mask_bce": (config.mask_weight * bce, num_masks),
+            "mask_dice": (config.dice_weight * dice, num_masks),
         }
 
     def _grounding_terms(
@@ -346,9 +385,12 @@ class SegmentationLoss:
         prompt_embeddings: Sequence[Tensor | None],
         language: LanguageEncoder,
         generator: torch.Generator | None,
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, tuple[Tensor, Tensor]]:
         config = self.config
         mask_logits = layer.masks[:, num_queries:].float()
+        if not any(embeddings is not None for embeddings in prompt_embeddings):
+            zero = (mask_logits.sum() * 0.0, mask_logits.new_zeros(()))
+            return {"grounding_class": zero, "grounding_bce": zero, "grounding_dice": zero}
         class_losses, matched_logits, matched_targets = [], [], []
         for i, embeddings in enumerate(prompt_embeddings):
             if embeddings is None:
@@ -360,18 +402,20 @@ class SegmentationLoss:
             class_losses.append(-similarity.log_softmax(dim=0)[queries, prompts].mean())
             matched_logits.append(mask_logits[i, queries])
             matched_targets.append(prompt_masks[prompts])
-        num_prompts = sum(len(m) for m in matched_targets)
-        bce, dice = self._mask_terms(torch.cat(matched_logits), torch.cat(matched_targets), num_prompts, generator)
+        num_prompts = mask_logits.new_tensor(float(sum(len(m) for m in matched_targets)))
+        bce, dice = self._mask_terms(torch.cat(matched_logits), torch.cat(matched_targets), generator)
+        # The mean over the images with prompts of each one's mean class loss.
+        images_with_prompts = mask_logits.new_tensor(float(len(class_losses)))
         return {
-            "grounding_class": config.grounding_class_weight * torch.stack(class_losses).mean(),
-            "grounding_bce": config.grounding_mask_weight * bce,
-            "grounding_dice": config.grounding_dice_weight * dice,
+            "grounding_class": (config.grounding_class_weight * torch.stack(class_losses).sum(), images_with_prompts),
+            "grounding_bce": (config.grounding_mask_weight * bce, num_prompts),
+            "grounding_dice": (config.grounding_dice_weight * dice, num_prompts),
         }
 
     def _mask_terms(
-        self, mask_logits: Tensor, target_masks: Tensor, normaliser: int, generator: torch.Generator | None
+        self, mask_logits: Tensor, target_masks: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """Summed BCE and dice of matched mask logits [M, h, w] against targets [M, H, W], / normaliser."""
+        """Summed BCE and dice of matched mask logits [M, h, w] against targets [M, H, W]."""
         if len(mask_logits) == 0:
             zero = mask_logits.sum() * 0.0  # keeps the graph (and the gradients' zeros) alike in every case
             return zero, zero
@@ -382,7 +426,7 @@ class SegmentationLoss:
         )
         wanted = point_sample(target_masks, points)
         bce, dice = mask_bce_and_dice(point_sample(mask_logits, points), wanted)
-        return bce.sum() / normaliser, dice.sum() / normaliser
+        return bce.sum(), dice.sum()
 
 
 # --------------------------------------------------------------------------------------- augmentation
@@ -514,32 +558,46 @@ class FineTuner:
         self.steps_done = 0
 
     def step(
-        self, images: Sequence[Tensor], targets: Sequence[SegmentationTarget], class_embeddings: Tensor
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[SegmentationTarget],
+        class_embeddings: Tensor,
+        *,
+        generators: Sequence[torch.Generator] | None = None,
+        sum_across: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, float]:
         """One optimisation step on a batch.
 
         images: RGB [3, h_i, w_i] uint8 at model-input size; targets: one per image, masks [T, h_i, w_i];
         class_embeddings [K+1, D] L2-normalised, "background" last (e.g. `Predictor.class_embeddings`).
-        Returns the loss terms (see SegmentationLoss), "loss", and the gradient norm before clipping.
+        generators: one per image, for its random draws: each image then goes through the model on its own
+        (no padding to its neighbours' size), so how a batch is split across processes changes nothing; None: one
+        forward of the whole batch with the tuner's generator.
+        sum_across(tensor) -> that tensor summed over the processes that share the batch (an all-reduce): with it,
+        `images` are this process's part of a global batch, the loss is normalised over the global batch and the
+        gradients are summed across processes before clipping, so every process takes the same step.
+        Returns the loss terms of the (global) batch (see SegmentationLoss), "loss", and the gradient norm before
+        clipping.
         """
         model = self.model
         self._check(images, targets, class_embeddings)
+        if generators is not None and len(generators) != len(images):
+            raise ValueError(f"{len(generators)} generators for {len(images)} images: one per image expected")
         # The embeddings may come from inference mode (the embedding cache), whose tensors autograd
         # cannot save: copy them.
         class_embeddings = class_embeddings.to(model.device).clone()
-        prompts = [self._embed_prompts(t.prompts) for t in targets]
-        batch = model.prepare_images(list(images))
+        if generators is None:
+            parts = [(list(images), list(targets), self.generator)]
+        else:
+            parts = [([image], [target], g) for image, target, g in zip(images, targets, generators, strict=True)]
         model.sem_seg_head.train()
         try:
-            with self._autocast():
-                # The frozen backbone has no parameter that needs a gradient, so autograd keeps none of
-                # its activations: only the pixel decoder and the decoder build a graph.
-                features = model.encode_image(batch.pixels)
-                output = model.decode(features, class_embeddings, grounding_tokens(prompts), all_layer_masks=True)
-            pooled = [None if p is None else p.pooled for p in prompts]
-            losses = self.loss(output, targets, pooled, model.language, self.generator)
+            shares = [self._loss_sums(*part, class_embeddings) for part in parts]
+            losses = self.loss.combine(shares, sum_across)
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            if sum_across is not None:
+                self._sum_gradients(sum_across)
             grad_norm = nn.utils.clip_grad_norm_(list(self.parameters.values()), self.config.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
@@ -547,7 +605,38 @@ class FineTuner:
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             model.eval()
-        return {name: float(value.detach()) for name, value in losses.items()} | {"grad_norm": float(grad_norm)}
+        reported = torch.stack([value.detach().float() for value in losses.values()])
+        if sum_across is not None:  # each process's terms are its share of the global batch's
+            reported = sum_across(reported)
+        return dict(zip(losses, reported.tolist(), strict=True)) | {"grad_norm": float(grad_norm)}
+
+    def _loss_sums(
+        self,
+        images: list[Tensor],
+        targets: list[SegmentationTarget],
+        generator: torch.Generator,
+        class_embeddings: Tensor,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """`SegmentationLoss.sums` of one forward of `images`."""
+        model = self.model
+        prompts = [self._embed_prompts(t.prompts) for t in targets]
+        batch = model.prepare_images(images)
+        with self._autocast():
+            # The frozen backbone has no parameter that needs a gradient, so autograd keeps none of
+            # its activations: only the pixel decoder and the decoder build a graph.
+            features = model.encode_image(batch.pixels)
+            output = model.decode(features, class_embeddings, grounding_tokens(prompts), all_layer_masks=True)
+        pooled = [None if p is None else p.pooled for p in prompts]
+        return self.loss.sums(output, targets, pooled, model.language, generator)
+
+    def _sum_gradients(self, sum_across: Callable[[Tensor], Tensor]) -> None:
+        """Every trained parameter's gradient summed across processes, in one flat all-reduce (a parameter this
+        process's share gave no gradient counts as zeros)."""
+        parameters = list(self.parameters.values())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
+        summed = sum_across(flat)
+        for parameter, gradient in zip(parameters, summed.split([p.numel() for p in parameters]), strict=True):
+            parameter.grad = gradient.view_as(parameter)
 
     def trained_state(self) -> dict[str, Tensor]:
         """CPU copies of the trained tensors by state-dict name: the delta to store on top of the base
