@@ -35,9 +35,9 @@ CPU_RANKS = ["cpu", "cpu"]
 
 @pytest.fixture
 def context(settings, redis):
-    """A worker's context whose fine-tunes run 4 steps on 2 gloo ranks, any result counting as a gain."""
+    """A worker's context whose fine-tunes run 3 steps on 2 gloo ranks, any result counting as a gain."""
     two_ranks = settings.model_copy(
-        update={"train_devices": "cpu,cpu", "finetune_min_steps": 4, "finetune_max_steps": 4, "finetune_min_gain": -1}
+        update={"train_devices": "cpu,cpu", "finetune_min_steps": 3, "finetune_max_steps": 3, "finetune_min_gain": -1}
     )
     context = jobs.WorkerContext(two_ranks, redis)
     jobs.set_context(context)
@@ -74,8 +74,8 @@ def test_train_devices_are_read_and_mistakes_refused_in_one_line(settings):
     ], refused.stderr
 
 
-def training_run(checkpoint, seed: int = PROJECT) -> tuple[TrainingRun, Predictor, list, PanopticVocabulary]:
-    """A run of 4 steps, global batch 2, with augmentation, on the tiny model; and what evaluates it."""
+def scenes(checkpoint) -> tuple[Predictor, list, PanopticVocabulary]:
+    """The tiny model, examples of 6 scenes and their vocabulary."""
     spec = ProjectSpec.parse(CONFIG)
     vocabulary = PanopticVocabulary.of(spec.images[0].controls)
     corrections = [
@@ -87,18 +87,22 @@ def training_run(checkpoint, seed: int = PROJECT) -> tuple[TrainingRun, Predicto
     )
     assert not unusable
     served = Predictor(load_model(checkpoint, device="cpu"), short_side=64, object_mask_threshold=0.0)
+    return served, examples, vocabulary
+
+
+def training_run(served: Predictor, examples: list, vocabulary: PanopticVocabulary) -> TrainingRun:
+    """A run of 2 steps, global batch 2, with augmentation, on a copy of the served model."""
     texts = Vocabulary.build(vocabulary.labels, vocabulary.stuff, vocabulary.synonyms)
-    run = TrainingRun(
+    return TrainingRun(
         model=trainable_copy(served.model),
-        config=FineTuneConfig(learning_rate=1e-3, warmup_steps=1, seed=seed),
+        config=FineTuneConfig(learning_rate=1e-3, warmup_steps=1, seed=PROJECT),
         text_to_label=torch.tensor(texts.text_to_label),
         class_embeddings=served.class_embeddings(list(texts.texts)),
-        inputs=[model_input(example, served) for example in examples[:4]],
-        steps=4,
+        inputs=[model_input(example, served) for example in examples],
+        steps=2,
         batch_size=2,
         augment=True,
     )
-    return run, served, examples[4:], vocabulary
 
 
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -108,19 +112,21 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_two_gloo_ranks_train_what_one_process_does_with_the_same_global_batch(tiny_checkpoint):
-    alone, served, held_out, vocabulary = training_run(tiny_checkpoint)
+    served, examples, vocabulary = scenes(tiny_checkpoint)
+    trained_on, held_out = examples[:4], examples[4:]
+    alone = training_run(served, trained_on, vocabulary)
     initial = {name: tensor.detach().clone() for name, tensor in alone.model.state_dict().items()}
     trained_alone = train(alone).trained_state()
     initial = {name: initial[name] for name in trained_alone}
     lines = []
 
-    shared, *_ = training_run(tiny_checkpoint)
+    shared = training_run(served, trained_on, vocabulary)
     trained_by_ranks = distributed.train_on_devices(shared, CPU_RANKS, lines.append)
 
     # Equal up to the order of float sums (which Adam's first steps amplify where a gradient is near 0): measured
-    # 0.03 % of how far training moved the weights.
+    # 0.07 % of how far training moved the weights.
     assert distance(trained_by_ranks, trained_alone) < 0.01 * distance(trained_alone, initial)
-    assert lines and lines[-1].startswith("4/4 ")  # rank 0's progress reached the job
+    assert lines and lines[-1].startswith("2/2 ")  # rank 0's progress reached the job
     alone_scores = evaluate(predictor_like(served, alone.model), held_out, vocabulary)
     shared.model.load_state_dict(trained_by_ranks, strict=False)
     ranked_scores = evaluate(predictor_like(served, shared.model), held_out, vocabulary)
@@ -135,7 +141,7 @@ def test_a_rank_killed_mid_training_fails_the_fine_tune_for_a_retry_and_leaves_n
         store_correction(context, label_studio, annotation_id, scene_regions())
     redis, settings = context.redis, context.settings
     job_id, _ = request_finetune(redis, settings, PROJECT, "start_training")
-    monkeypatch.setattr(distributed, "KILL_RANK_AT_STEP_FOR_TESTS", (1, 2))
+    monkeypatch.setattr(distributed, "KILL_RANK_AT_STEP_FOR_TESTS", (1, 1))
 
     run_train_jobs(context, max_jobs=1)
 
@@ -158,7 +164,7 @@ def test_a_rank_killed_mid_training_fails_the_fine_tune_for_a_retry_and_leaves_n
     meta = context.store.meta(PROJECT)
     assert meta["finetune_status"] == "candidate", meta  # too few tasks to hold out: kept, not served
     version = registry.get(meta["finetune_version"])
-    assert version.metrics["devices"] == 2 and version.metrics["steps"] == 4
+    assert version.metrics["devices"] == 2 and version.metrics["steps"] == 3
     assert request_finetune(redis, settings, PROJECT, "start_training")[1]  # the claim was released
     assert not rank_processes()
 
