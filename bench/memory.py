@@ -2,14 +2,15 @@
 5 % of each other).
 
     python bench/memory.py [--rounds 8 --concurrency 32 --model focalt]      (or: xdecoder-ls bench memory)
-    MALLOC_ARENA_MAX=64 MALLOC_MMAP_THRESHOLD_=33554432 python bench/memory.py    (about glibc's defaults: before)
+    MALLOC_ARENA_MAX=64 python bench/memory.py       (another malloc setting: the variables reach the server and win)
 
 The server runs as its own process through the CLI, as a user starts it (so what the CLI does at process start, the
 malloc tuning of backend/memory.py, is part of what is measured); MALLOC_ARENA_MAX and MALLOC_MMAP_THRESHOLD_ set for
-this command reach the server and win over that tuning. Each round posts `--concurrency` one-task /predict calls at
-once (each a task of its own, the same 683x512 image from a stand-in Label Studio) and reads the server's VmRSS from
-/proc when all have been answered. `--model focalt` is Focal-T with random weights (the real model's size), `tiny` the
-tests' tiny model.
+this command reach the server and win over that tuning (glibc's own, moving mmap threshold cannot be set by a
+variable: docs/benchmarks.md, Memory, says how it was measured). Each round posts `--concurrency` one-task /predict
+calls at once (each a task of its own, the same 683x512 image from a stand-in Label Studio) and reads the server's
+VmRSS from /proc when all have been answered. `--model focalt` is Focal-T with random weights (the real model's size),
+`tiny` the tests' tiny model.
 
     rss_mb          VmRSS after each round, in MB
     spread_after_1  (max - min) / min over rounds 2 to the last

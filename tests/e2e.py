@@ -74,6 +74,9 @@ def running_label_studio(data: Path) -> Iterator[str]:
         "SSRF_PROTECTION_ENABLED": "false",
         "LATEST_VERSION_CHECK": "false",
         "COLLECT_ANALYTICS": "false",
+        # no error reports to Sentry: this machine reaches no network but loopback
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
     }
     log = data / "label-studio.log"
     command = [LABEL_STUDIO, "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port), "--data-dir",
