@@ -4,11 +4,12 @@ The fine-tune job (finetune.py) stays the one place that reads corrections, buil
 the version; only the training steps run here. The job saves a `TrainingRun` (the model to train, its inputs, the
 schedule) in a temporary folder and starts one rank process per device, `python -m backend.distributed FOLDER
 JOB_PID DEVICE`, with the environment torchrun gives (MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE). Every
-rank runs `finetune.train` on its slice of each global batch (NCCL between GPUs, gloo on the CPU); the gradients are
+rank runs `train` on its slice of each global batch (NCCL between GPUs, gloo on the CPU); the gradients are
 summed across ranks before each step, so the ranks stay identical and rank 0 saves the trained tensors. A rank that
 fails or is killed fails the job: the others are killed, the job raises (no version is written; the fine-tune
 claim goes through the job's usual failure path) and the error names the rank and how it ended. Ranks die with the
 job process (a parent-death signal), and a collective that waits for a dead peer gives up after GROUP_TIMEOUT.
+With one device the job calls `train` itself: one process and the ranks share the training steps.
 """
 
 from __future__ import annotations
