@@ -135,13 +135,7 @@ class IncrementalCaptionDecoder:
             ).tril()
         x = content
         outputs = [self._head(x)] if all_layers else []
-        layers = zip(
-            decoder.transformer_cross_attention_layers,
-            decoder.transformer_self_attention_layers,
-            decoder.transformer_ffn_layers,
-            strict=True,
-        )
-        for i, (cross, self_attn, ffn) in enumerate(layers):
+        for i, (cross, self_attn, ffn) in enumerate(decoder.layers()):
             attended = self._attend_memory(cross.multihead_attn, x + query_pos, i % NUM_LEVELS)
             x = cross.norm(x + attended)
             attention = self_attn.self_attn
@@ -271,13 +265,7 @@ def reference_greedy_captions(
         output = torch.cat((query_feat, content), dim=1)
         query_pos = torch.cat((query_embed, content + decoder.pos_embed_caping.weight), dim=1)
         _, mask_embed = decoder._predict(output[:, :num_queries], mask_features, None, False, full_masks=True)
-        layers = zip(
-            decoder.transformer_cross_attention_layers,
-            decoder.transformer_self_attention_layers,
-            decoder.transformer_ffn_layers,
-            strict=True,
-        )
-        for i, (cross, self_attn, ffn) in enumerate(layers):
+        for i, (cross, self_attn, ffn) in enumerate(decoder.layers()):
             level = i % NUM_LEVELS
             blocked = decoder._cross_attention_mask(mask_embed, level_features[level], False)
             # Caption queries' rows of the cross-attention mask are all False: they see the whole memory.

@@ -15,6 +15,7 @@ N = Q in plain mode, 2Q - 1 in grounding mode (rows Q.. are the grounding querie
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -194,14 +195,7 @@ class XDecoderTransformer(nn.Module):
 
         prediction, mask_embed = self._predict(output, mask_features, class_embeddings, grounded, all_layer_masks)
         predictions = [prediction]
-        for i, (cross, self_attn, ffn) in enumerate(
-            zip(
-                self.transformer_cross_attention_layers,
-                self.transformer_self_attention_layers,
-                self.transformer_ffn_layers,
-                strict=True,
-            )
-        ):
+        for i, (cross, self_attn, ffn) in enumerate(self.layers()):
             level = i % NUM_LEVELS
             blocked = self._cross_attention_mask(mask_embed, level_features[level], grounded)
             num_rows = output.shape[1]
@@ -218,6 +212,15 @@ class XDecoderTransformer(nn.Module):
             predictions.append(prediction)
         context = CaptionContext(memories, memory_pos, object_states, object_pos) if caption_context else None
         return DecoderOutput(predictions, self.num_queries, context)
+
+    def layers(self) -> Iterator[tuple[CrossAttentionLayer, SelfAttentionLayer, FFNLayer]]:
+        """The decoder layers in order, each as its cross-attention, self-attention and FFN parts."""
+        return zip(
+            self.transformer_cross_attention_layers,
+            self.transformer_self_attention_layers,
+            self.transformer_ffn_layers,
+            strict=True,
+        )
 
     def memories(
         self, multi_scale: list[Tensor], mask_features: Tensor
