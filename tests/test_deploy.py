@@ -67,10 +67,6 @@ def merged(base: dict, override: dict) -> dict:
     return result
 
 
-def without_extensions(config: dict) -> dict:
-    return {key: value for key, value in config.items() if not key.startswith("x-")}
-
-
 def gpu_and_cpu_configs() -> dict[str, dict]:
     base = load(COMPOSE)
     return {"gpu": base, "cpu": merged(base, load(CPU_OVERRIDE))}
