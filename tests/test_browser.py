@@ -5,12 +5,14 @@ correction reaches our corrections store through Label Studio's webhook.
 Debian's Chromium and ChromeDriver (`apt-get install chromium chromium-driver`; scripts/test.sh installs them when
 missing) driven by Selenium; no browser is downloaded. The model is a tiny X-Decoder pre-trained here on the synthetic
 world of bench/synthetic_world.py, whose masks follow the shapes, so that a person can judge the screenshot: it is
-kept in pytest's temporary directory and copied to docs/images/label-studio-editor.png, the README's picture.
+kept in pytest's temporary directory, and with XDECODER_UPDATE_SCREENSHOTS=1 copied to
+docs/images/label-studio-editor.png, the README's picture.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +24,11 @@ import pytest
 from PIL import Image
 
 from tests import e2e
+from tests.browser import chromium, log_in, wait_until
+from tests.browser import marks as browser_marks
 from tests.helpers import backend_settings, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 README_SCREENSHOT = ROOT / "docs" / "images" / "label-studio-editor.png"
 SCENE_SEED = 4  # grass, water, a ball and a brick (each also the one its referring label names)
 SHOWN_SIZE = 480  # the synthetic world's 96-pixel image, enlarged so that the editor shows it big enough to judge
@@ -34,15 +36,7 @@ WINDOW = (1600, 1000)
 LABEL_COLOURS = {"grass": "#4caf50", "water": "#2196f3", "ball": "#ffc107", "brick": "#e53935",
                  "leftmost ball": "#ff6d00", "biggest brick": "#8e24aa"}  # fmt: skip
 
-pytestmark = [
-    *e2e.marks,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason=f"{CHROMIUM} or {CHROMEDRIVER} is missing: scripts/test.sh installs Debian's chromium and "
-        "chromium-driver with apt-get",
-    ),
-]
+pytestmark = [*browser_marks, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +71,8 @@ def backend(label_studio_url, world_checkpoint, tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    # As root, on a machine with no network but loopback: no sandbox, and nothing that calls Google at start.
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(0)
-    yield driver
-    driver.quit()
+    with chromium(tmp_path / "chromium-profile", WINDOW) as driver:
+        yield driver
 
 
 def scene_png() -> bytes:
@@ -102,31 +83,6 @@ def scene_png() -> bytes:
     buffer = io.BytesIO()
     shown.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def wait_until(condition, timeout: float, what: str, driver=None, screenshot: Path | None = None):
-    """The first true value of `condition()` within `timeout` s; else fails saying `what`, with a screenshot."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    if driver is not None and screenshot is not None:
-        driver.save_screenshot(str(screenshot))
-    raise AssertionError(f"{what} within {timeout:.0f} s" + (f" (screenshot: {screenshot})" if screenshot else ""))
-
-
-def log_in(driver, label_studio_url: str, screenshots: Path) -> None:
-    from selenium.webdriver.common.by import By
-
-    driver.get(f"{label_studio_url}/user/login/")
-    driver.find_element(By.NAME, "email").send_keys(e2e.ADMIN_EMAIL)
-    driver.find_element(By.NAME, "password").send_keys(e2e.ADMIN_PASSWORD)
-    driver.save_screenshot(str(screenshots / "1-login.png"))
-    driver.find_element(By.CSS_SELECTOR, "form button[type=submit], form input[type=submit]").click()
-    wait_until(lambda: "/user/login" not in driver.current_url, 60, "Label Studio did not let the admin in", driver,
-               screenshots / "1-login-failed.png")  # fmt: skip
 
 
 def region_count(driver) -> int:
@@ -186,7 +142,7 @@ def test_an_annotator_submits_the_prediction_in_the_editor_and_the_correction_re
     labels = {label for region in predicted for label in region["value"]["polygonlabels"]}
     assert {"grass", "water", "ball", "brick"} <= labels, labels
 
-    log_in(browser, label_studio_url, screenshots)
+    log_in(browser, label_studio_url, screenshots / "1-login.png")
     browser.get(f"{label_studio_url}/projects/{project}/data?task={task['id']}")
     wait_until(lambda: region_count(browser) == len(predicted), 120,
                f"the editor's region list did not show the {len(predicted)} predicted regions", browser,
@@ -195,8 +151,8 @@ def test_an_annotator_submits_the_prediction_in_the_editor_and_the_correction_re
     assert all(label in listed for label in labels), listed
     time.sleep(2)  # the image and the fills' last frames
     browser.save_screenshot(str(screenshots / "2-editor.png"))
-    README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(screenshots / "2-editor.png", README_SCREENSHOT)
+    if os.environ.get("XDECODER_UPDATE_SCREENSHOTS") == "1":  # the README's picture, only when asked
+        shutil.copyfile(screenshots / "2-editor.png", README_SCREENSHOT)
     # The polygons are drawn over the image: with the regions hidden the editor shows the image as uploaded; shown,
     # their fills change most of it (grass and water cover it all).
     with_regions = shown_image(browser)

@@ -12,19 +12,17 @@ installed editor still reads BitmaskLabels by the keys backend/brush.py writes.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from backend.brush import png_data_url_to_mask
 from tests import e2e
+from tests.browser import chromium, log_in, wait_until
 from tests.helpers import backend_settings, subprocess_env, write_tiny_checkpoint
 from tests.standin_ls import png
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WIDTH, HEIGHT = 96, 64
 
 CONFIG = """<View>
@@ -124,30 +122,9 @@ def test_the_installed_editor_reads_bitmasks_by_the_keys_we_write():
 
 @pytest.fixture
 def browser(tmp_path):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} is missing: scripts/test.sh installs chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,900",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield driver
-    driver.quit()
-
-
-def wait_until(condition, timeout: float, what: str, driver, screenshot: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.5)
-    driver.save_screenshot(str(screenshot))
-    raise AssertionError(f"{what} within {timeout:.0f} s (screenshot: {screenshot})")
+    """Skips its test where there is no browser (chromium() does): the other tests here need none."""
+    with chromium(tmp_path / "chromium-profile", (1400, 900)) as driver:
+        yield driver
 
 
 # The bitmask regions of the annotation open in the editor, each as whether its mask has a bounding box: the editor
@@ -164,11 +141,7 @@ def test_the_editor_shows_them_and_submits_them_back(label_studio_url, predicted
 
     ls, project, task, prediction = predicted
     named = by_name(prediction["result"])
-    browser.get(f"{label_studio_url}/user/login/")
-    browser.find_element(By.NAME, "email").send_keys(e2e.ADMIN_EMAIL)
-    browser.find_element(By.NAME, "password").send_keys(e2e.ADMIN_PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "form button[type=submit], form input[type=submit]").click()
-    wait_until(lambda: "/user/login" not in browser.current_url, 60, "no login", browser, tmp_path / "login.png")
+    log_in(browser, label_studio_url, tmp_path / "login.png")
 
     browser.get(f"{label_studio_url}/projects/{project}/data?task={task['id']}")
     caption = named["caption"][0]["value"]["text"][0]
