@@ -365,10 +365,6 @@ class ImageSpec:
             ),
         )
 
-    @property
-    def fills_anything(self) -> bool:
-        return bool(self.controls or self.caption_areas or self.choices)
-
 
 def text_area_role(tag: ControlTag, image: str, has_masks: bool) -> Literal["prompt", "caption"] | None:
     """What a control attached to <Image name=`image`> is to this backend when it is a <TextArea> (None otherwise):
@@ -412,7 +408,7 @@ def text_area_role(tag: ControlTag, image: str, has_masks: bool) -> Literal["pro
 class ProjectSpec:
     """Everything this backend reads from one labeling config."""
 
-    images: tuple[ImageSpec, ...]  # only images with a control this backend fills (ImageSpec.fills_anything)
+    images: tuple[ImageSpec, ...]  # only images with a control this backend fills (_fillable)
 
     @classmethod
     def parse(cls, label_config: str | None) -> ProjectSpec:
