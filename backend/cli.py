@@ -20,8 +20,8 @@ import os
 # at its first allocation, so it is set before anything imports torch.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # OpenMP threads waiting for work sleep rather than spin. A server and a worker on one CPU machine, each computing
-# with all the cores, otherwise spin away each other's time whenever both run the model (the README's Queues
-# benchmark measures it). Read when torch loads OpenMP, so it is set before anything imports torch.
+# with all the cores, otherwise spin away each other's time whenever both run the model (docs/benchmarks.md, Queues,
+# measures it). Read when torch loads OpenMP, so it is set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .memory import tune_malloc  # noqa: E402

@@ -25,7 +25,7 @@ from .versions import VersionRegistry
 FAILED_SHOWN = 10
 NO_PROJECTS_YET = (
     "[bold]Projects[/] none yet: a project is listed once Label Studio sends this backend its first annotation "
-    "(a task submitted or updated in the editor; see the webhook set-up in the README)"
+    "(a task submitted or updated in the editor; see the webhook set-up in the README, Connecting Label Studio)"
 )
 IGNORED_IS_FINE = (
     "nothing to worry about: Label Studio's webhook sends every action, and only annotation events and "

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# As xdecoder-ls sets it (backend/cli.py), before torch is imported: OpenMP threads that wait for work sleep. Spinning
+# threads made the test session's training several times slower while Label Studio and our servers shared the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 from redis import Redis
