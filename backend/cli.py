@@ -294,7 +294,10 @@ def _preannotate(settings: Settings, args) -> int:
             raise ValueError(f"--tasks takes all, missing, or task ids such as 1,2,3 (got {args.tasks!r})")
         ids, which = [int(piece) for piece in pieces], "all"
     run = preannotate.start(settings, redis, args.project, which, ids, args.prompt)
-    console.print(f"run {run.run_id}: {run.total} tasks, model version {run.version}, {len(run.job_ids)} jobs")
+    jobs = len(run.job_ids)
+    console.print(
+        f"run {run.run_id}: {run.total} tasks, model version {run.version}, {jobs} job{'s' * (jobs != 1)} queued"
+    )
     if args.detach:
         return 0
     final = preannotate.watch(redis, run, console=console)

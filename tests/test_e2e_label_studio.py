@@ -94,7 +94,7 @@ def test_label_studio_gets_labelled_editable_polygons_and_sends_corrections(labe
     command = [sys.executable, "-m", "backend.cli", "preannotate", "--project", str(project)]
     queued = subprocess.run([*command, "--detach"], env=env, capture_output=True, text=True)
     assert queued.returncode == 0, queued.stderr
-    assert ": 3 tasks, model version tiny, 1 jobs queued" in queued.stdout  # the first task's two: one chunk
+    assert ": 3 tasks, model version tiny, 1 job queued" in queued.stdout  # the first task's two: one chunk
     worker = subprocess.run([sys.executable, "-m", "backend.cli", "worker", "--queues", "predict", "--burst"], env=env)
     assert worker.returncode == 0
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
