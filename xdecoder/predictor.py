@@ -344,11 +344,7 @@ class Predictor:
     def text_embeddings(self, texts: Sequence[str]) -> Tensor:
         """[N, D] retrieval embeddings of whole texts: each text's end token @ lang_proj (the official
         `get_text_token_embeddings(text)['class_emb']`: no prompt templates, not normalised)."""
-        token_ids, attention = self.tokenizer(list(texts))
-        longest = int(attention.sum(dim=1).max())  # the encoder is causal: padding after the end changes nothing
-        with torch.inference_mode():
-            _, pooled = self.model.language.encode(token_ids[:, :longest].to(self.model.device))
-        return pooled
+        return prompt_embeddings(self.model.language, self.tokenizer, texts).pooled
 
     def prepare(self, image: ImageInput | PreparedImage) -> PreparedImage:
         """The image converted to RGB and resized for the model, which `predict` does itself; done ahead (on
