@@ -111,3 +111,25 @@ def running_backend(env: dict[str, str], log: Path) -> Iterator[str]:
 
 def api(label_studio_url: str) -> httpx.Client:
     return httpx.Client(base_url=label_studio_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=120)
+
+
+def new_project(ls: httpx.Client, title: str, label_config: str, images: dict[str, bytes]) -> tuple[int, list[int]]:
+    """A Label Studio project with `images` (file name -> PNG) uploaded as tasks: (project id, task ids in order)."""
+    project = ls.post("/api/projects/", json={"title": title, "label_config": label_config}).json()["id"]
+    for name, data in images.items():
+        upload = ls.post(f"/api/projects/{project}/import", files={"file": (name, data, "image/png")})
+        assert upload.status_code == 201, upload.text
+    tasks = ls.get("/api/tasks/", params={"project": project}).json()["tasks"]
+    return project, sorted(task["id"] for task in tasks)
+
+
+def connect_and_retrieve(ls: httpx.Client, project: int, backend_url: str, interactive: bool = False) -> int:
+    """Connects our backend to `project` (Settings > Model) and runs the Data Manager's Retrieve predictions on every
+    task, as a user does; returns the ML backend's id."""
+    ml = ls.post("/api/ml", json={"url": backend_url, "project": project, "title": "xdecoder",
+                                  "is_interactive": interactive})  # fmt: skip
+    assert ml.status_code == 201, ml.text
+    action = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+                     json={"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
+    assert action.status_code == 200, action.text
+    return ml.json()["id"]

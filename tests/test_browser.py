@@ -128,22 +128,15 @@ def test_an_annotator_submits_the_prediction_in_the_editor_and_the_correction_re
     ls = e2e.api(label_studio_url)
     config = coloured(LABEL_CONFIG)
     assert config.count("background=") == len(LABEL_COLOURS)
-    project = ls.post("/api/projects/", json={"title": "Synthetic world", "label_config": config}).json()["id"]
-    upload = ls.post(f"/api/projects/{project}/import", files={"file": ("scene.png", scene_png(), "image/png")})
-    assert upload.status_code == 201, upload.text
-    (task,) = ls.get("/api/tasks/", params={"project": project}).json()["tasks"]
-    ml = ls.post("/api/ml", json={"url": backend_url, "project": project, "title": "xdecoder"})
-    assert ml.status_code == 201, ml.text
-    action = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
-                     json={"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
-    assert action.status_code == 200, action.text
-    (prediction,) = ls.get("/api/predictions/", params={"task": task["id"]}).json()
+    project, (task_id,) = e2e.new_project(ls, "Synthetic world", config, {"scene.png": scene_png()})
+    e2e.connect_and_retrieve(ls, project, backend_url)
+    (prediction,) = ls.get("/api/predictions/", params={"task": task_id}).json()
     predicted = prediction["result"]
     labels = {label for region in predicted for label in region["value"]["polygonlabels"]}
     assert {"grass", "water", "ball", "brick"} <= labels, labels
 
     log_in(browser, label_studio_url, screenshots / "1-login.png")
-    browser.get(f"{label_studio_url}/projects/{project}/data?task={task['id']}")
+    browser.get(f"{label_studio_url}/projects/{project}/data?task={task_id}")
     wait_until(lambda: region_count(browser) == len(predicted), 120,
                f"the editor's region list did not show the {len(predicted)} predicted regions", browser,
                screenshots / "2-editor-failed.png")  # fmt: skip
@@ -170,7 +163,7 @@ def test_an_annotator_submits_the_prediction_in_the_editor_and_the_correction_re
     browser.find_element(By.CSS_SELECTOR, "button[aria-label='Show all regions']").click()
 
     browser.find_element(By.CSS_SELECTOR, "button[aria-label='Submit current annotation']").click()
-    annotations = wait_until(lambda: ls.get(f"/api/tasks/{task['id']}/annotations/").json(), 60,
+    annotations = wait_until(lambda: ls.get(f"/api/tasks/{task_id}/annotations/").json(), 60,
                              "Label Studio stored no annotation", browser, screenshots / "3-failed.png")  # fmt: skip
     browser.save_screenshot(str(screenshots / "3-submitted.png"))
     (annotation,) = annotations
@@ -181,7 +174,7 @@ def test_an_annotator_submits_the_prediction_in_the_editor_and_the_correction_re
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert worker.returncode == 0, worker.stderr[-2000:]
     (correction,) = CorrectionStore(connect(settings)).all(project)
-    assert (correction.annotation_id, correction.task_id) == (annotation["id"], task["id"])
+    assert (correction.annotation_id, correction.task_id) == (annotation["id"], task_id)
 
     def outlines(regions: list[dict]) -> list:
         return sorted((r["value"]["polygonlabels"], r["value"]["points"]) for r in regions)

@@ -51,32 +51,23 @@ def backend(label_studio_url, tmp_path_factory, tiny_checkpoint):
 def test_label_studio_gets_labelled_editable_polygons_and_sends_corrections(label_studio_url, backend):
     backend_url, env = backend
     ls = e2e.api(label_studio_url)
-    project = ls.post("/api/projects/", json={"title": "e2e", "label_config": CONFIG}).json()["id"]
-    upload = ls.post(f"/api/projects/{project}/import", files={"file": ("scene.png", png(96, 64), "image/png")})
-    assert upload.status_code == 201, upload.text
-    (task,) = ls.get("/api/tasks/", params={"project": project}).json()["tasks"]
+    project, (task_id,) = e2e.new_project(ls, "e2e", CONFIG, {"scene.png": png(96, 64)})
+    ml_id = e2e.connect_and_retrieve(ls, project, backend_url, interactive=True)
 
-    ml = ls.post("/api/ml", json={"url": backend_url, "project": project, "title": "xdecoder", "is_interactive": True})
-    assert ml.status_code == 201, ml.text
-    ml_id = ml.json()["id"]
-    action = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
-                     json={"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
-    assert action.status_code == 200, action.text
-
-    predictions = ls.get("/api/predictions/", params={"task": task["id"]}).json()
+    predictions = ls.get("/api/predictions/", params={"task": task_id}).json()
     assert [p["model_version"] for p in predictions] == ["tiny"]
     regions = predictions[0]["result"]
     assert regions and all(r["type"] == "polygonlabels" and len(r["value"]["points"]) >= 3 for r in regions)
 
     context = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
                            "value": {"text": ["the red box"]}}]}  # fmt: skip
-    interactive = ls.post(f"/api/ml/{ml_id}/interactive-annotating", json={"task": task["id"], "context": context})
+    interactive = ls.post(f"/api/ml/{ml_id}/interactive-annotating", json={"task": task_id, "context": context})
     assert interactive.status_code == 200, interactive.text
     answer = interactive.json()["data"]["result"]
     assert answer and all(r["meta"]["text"] == ["prompt: the red box"] for r in answer)
 
     corrected = [dict(regions[0], id=uuid.uuid4().hex[:10])]
-    saved = ls.post(f"/api/tasks/{task['id']}/annotations/", json={"result": corrected, "task": task["id"]})
+    saved = ls.post(f"/api/tasks/{task_id}/annotations/", json={"result": corrected, "task": task_id})
     assert saved.status_code == 201, saved.text
     assert ls.post(f"/api/ml/{ml_id}/train").status_code in (200, 201)
 

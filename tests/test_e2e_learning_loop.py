@@ -91,18 +91,9 @@ def status(env) -> dict:
 def test_the_score_column_follows_the_served_version_and_only_confirmed_corrections_count(label_studio_url, loop):
     backend_url, settings, env = loop
     ls = e2e.api(label_studio_url)
-    project = ls.post("/api/projects/", json={"title": "loop", "label_config": CONFIG}).json()["id"]
-    for seed in range(3):
-        name = f"scene-{seed}.png"
-        upload = ls.post(f"/api/projects/{project}/import", files={"file": (name, png(96, 64, seed=seed), "image/png")})
-        assert upload.status_code == 201, upload.text
-    tasks = sorted(task["id"] for task in ls.get("/api/tasks/", params={"project": project}).json()["tasks"])
-
-    ml = ls.post("/api/ml", json={"url": backend_url, "project": project, "title": "xdecoder", "is_interactive": False})
-    assert ml.status_code == 201, ml.text
-    action = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
-                     json={"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
-    assert action.status_code == 200, action.text
+    scenes = {f"scene-{seed}.png": png(96, 64, seed=seed) for seed in range(3)}
+    project, tasks = e2e.new_project(ls, "loop", CONFIG, scenes)
+    ml_id = e2e.connect_and_retrieve(ls, project, backend_url)
     base = {task: predictions_of(ls, task, "tiny") for task in tasks}
     assert all(len(found) == 1 for found in base.values()), base
 
@@ -110,7 +101,7 @@ def test_the_score_column_follows_the_served_version_and_only_confirmed_correcti
     eventually(
         "project model version 'tiny'", lambda: ls.get(f"/api/projects/{project}").json()["model_version"] == "tiny"
     )
-    assert ls.get(f"/api/ml/{ml.json()['id']}").json()["title"] == "tiny"
+    assert ls.get(f"/api/ml/{ml_id}").json()["title"] == "tiny"
     scores = prediction_scores(ls, project)
     assert scores == pytest.approx({task: base[task][0]["score"] for task in tasks})
 

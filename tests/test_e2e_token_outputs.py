@@ -53,18 +53,10 @@ def predicted(label_studio_url, tmp_path_factory):
     ls = e2e.api(label_studio_url)
     try:
         with e2e.running_backend(subprocess_env(settings), folder / "serve.log") as backend_url:
-            project = ls.post("/api/projects/", json={"title": "tokens", "label_config": CONFIG}).json()["id"]
-            upload = ls.post(
-                f"/api/projects/{project}/import", files={"file": ("scene.png", png(WIDTH, HEIGHT), "image/png")}
-            )
-            assert upload.status_code == 201, upload.text
-            (task,) = ls.get("/api/tasks/", params={"project": project}).json()["tasks"]
-            ml = ls.post("/api/ml", json={"url": backend_url, "project": project, "title": "xdecoder"})
-            assert ml.status_code == 201, ml.text
-            action = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
-                             json={"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
-            assert action.status_code == 200, action.text
-            (prediction,) = ls.get("/api/predictions/", params={"task": task["id"]}).json()
+            project, (task_id,) = e2e.new_project(ls, "tokens", CONFIG, {"scene.png": png(WIDTH, HEIGHT)})
+            e2e.connect_and_retrieve(ls, project, backend_url)
+            task = ls.get(f"/api/tasks/{task_id}").json()
+            (prediction,) = ls.get("/api/predictions/", params={"task": task_id}).json()
             yield ls, project, task, prediction
     finally:
         EmbeddedRedis(folder / "redis").stop()  # the server started it as a daemon
